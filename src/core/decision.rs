@@ -1,0 +1,364 @@
+//! The decision table of SPEC §2, once, for every path and every store.
+//!
+//! A store calls [`decide`] and then [`transition`] inside its own atomic section (a
+//! mutex, a single writer thread, a database transaction), so the table is enforced the
+//! same way whatever the backend.
+
+use serde::{Deserialize, Serialize};
+
+use super::record::{Intent, Lease, LeaseToken, Millis, Outcome, Record, Status, StoredResponse};
+
+/// What to do when a record's outcome is unknown (its owner died, or the upstream never
+/// answered).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnknown {
+    /// Execute nothing until an operator resolves the record.
+    #[default]
+    Review,
+    /// Execute again: only for actions the destination deduplicates itself.
+    Retry,
+}
+
+/// The per-scope settings the decision depends on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClaimPolicy {
+    /// What an unknown outcome turns into.
+    pub on_unknown: OnUnknown,
+}
+
+/// Why an intent is executed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExecuteReason {
+    /// No record for this key.
+    New,
+    /// The record had expired: the key is new again.
+    Expired,
+    /// The last attempt failed retryably: a *retry recovery*.
+    RetryRecovery,
+    /// The outcome was unknown and the policy says re-execute.
+    UnknownRetry,
+}
+
+/// The decision for one intent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Decision {
+    /// The caller now owns a lease and must execute, then `finish`.
+    Execute(ExecuteReason),
+    /// Completed with the same fingerprint: replay the stored answer.
+    Replay,
+    /// Completed, but the answer was too large to keep: `410`.
+    NotRetained,
+    /// The key is held by a different payload: `422`.
+    KeyReused,
+    /// Another owner is executing it now: `409` (or wait and look again).
+    InFlight,
+    /// The action may have happened; execute nothing until resolved.
+    OutcomeUnknown,
+    /// A failure a person must look at.
+    NeedsReview,
+}
+
+impl Decision {
+    /// True when the caller holds a lease and must execute.
+    pub fn executes(self) -> bool {
+        matches!(self, Decision::Execute(_))
+    }
+}
+
+/// Decides what an intent does, given what the store holds for its key.
+pub fn decide(existing: Option<&Record>, intent: &Intent, policy: ClaimPolicy) -> Decision {
+    let now = intent.now;
+    let Some(record) = existing else {
+        return Decision::Execute(ExecuteReason::New);
+    };
+    if record.is_expired(now) {
+        return Decision::Execute(ExecuteReason::Expired);
+    }
+    if record.fingerprint != intent.fingerprint {
+        return Decision::KeyReused;
+    }
+    match record.status {
+        Status::Completed => match &record.response {
+            Some(response) if response.retained => Decision::Replay,
+            _ => Decision::NotRetained,
+        },
+        Status::InProgress if record.lease_alive(now) => Decision::InFlight,
+        Status::InProgress | Status::OutcomeUnknown => match policy.on_unknown {
+            OnUnknown::Review => Decision::OutcomeUnknown,
+            OnUnknown::Retry => Decision::Execute(ExecuteReason::UnknownRetry),
+        },
+        Status::FailedRetryable => Decision::Execute(ExecuteReason::RetryRecovery),
+        Status::NeedsReview => Decision::NeedsReview,
+    }
+}
+
+/// What a store must persist after a decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// Nothing changes.
+    None,
+    /// Bookkeeping only (`replay_count`, `last_seen_at`): a store may write it lazily,
+    /// since losing it loses no decision.
+    Touch(Record),
+    /// A state change that must be durable before the caller acts on the decision.
+    Write(Record),
+}
+
+/// The record a decision leaves behind. `token` is the fresh lease token the store
+/// generated for the caller; it is used only when the decision executes.
+pub fn transition(
+    decision: Decision,
+    existing: Option<&Record>,
+    intent: &Intent,
+    token: LeaseToken,
+) -> Transition {
+    let now = intent.now;
+    let lease = Some(Lease { token, locked_until: now + intent.lease_ms });
+    match (decision, existing) {
+        (Decision::Execute(ExecuteReason::New | ExecuteReason::Expired), _) | (Decision::Execute(_), None) => {
+            Transition::Write(Record {
+                id: intent.id.clone(),
+                fingerprint: intent.fingerprint,
+                status: Status::InProgress,
+                lease,
+                response: None,
+                created_at: now,
+                last_seen_at: now,
+                expires_at: now + intent.ttl_ms,
+                replay_count: 0,
+                attempt_count: 1,
+                correlation_id: intent.correlation_id.clone(),
+                error_summary: None,
+            })
+        }
+        (Decision::Execute(_), Some(record)) => Transition::Write(Record {
+            status: Status::InProgress,
+            lease,
+            response: None,
+            last_seen_at: now,
+            expires_at: record.expires_at.max(now + intent.ttl_ms),
+            attempt_count: record.attempt_count + 1,
+            correlation_id: intent.correlation_id.clone(),
+            ..record.clone()
+        }),
+        (Decision::Replay | Decision::NotRetained, Some(record)) => Transition::Touch(Record {
+            replay_count: record.replay_count + 1,
+            last_seen_at: now,
+            ..record.clone()
+        }),
+        (Decision::OutcomeUnknown, Some(record)) if record.status == Status::InProgress => {
+            Transition::Write(Record {
+                status: Status::OutcomeUnknown,
+                lease: None,
+                last_seen_at: now,
+                error_summary: Some("lease expired: the owner stopped before recording an answer".into()),
+                ..record.clone()
+            })
+        }
+        _ => Transition::None,
+    }
+}
+
+/// How an operator settles a record whose outcome is unknown (admin `resolve`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// The action did not happen (or may happen again): the next request executes.
+    Release,
+    /// The action happened with this answer: it is replayed from now on.
+    Complete(StoredResponse),
+}
+
+/// Why a record cannot be resolved.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("only outcome_unknown, needs_review or an in_progress record whose lease ran out can be resolved; this record is {0}")]
+pub struct NotResolvable(pub Status);
+
+/// Applies an operator's resolution: the pure half of `Store::resolve`.
+pub fn resolve(record: &Record, resolution: Resolution, now: Millis) -> Result<Record, NotResolvable> {
+    let settleable = match record.status {
+        Status::OutcomeUnknown | Status::NeedsReview => true,
+        Status::InProgress => !record.lease_alive(now),
+        Status::Completed | Status::FailedRetryable => false,
+    };
+    if !settleable {
+        return Err(NotResolvable(record.status));
+    }
+    let mut settled = record.clone();
+    let outcome = match resolution {
+        Resolution::Release => Outcome::Retryable { error: "released by an operator".into() },
+        Resolution::Complete(response) => Outcome::Completed(response),
+    };
+    outcome.apply(&mut settled, now);
+    Ok(settled)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::core::{Fingerprint, RecordId, StoredResponse};
+
+    const NOW: i64 = 1_000_000;
+
+    fn intent(fp: u8) -> Intent {
+        Intent {
+            id: RecordId::new("orders", "t1", "k1"),
+            fingerprint: Fingerprint([fp; 32]),
+            now: NOW,
+            ttl_ms: 86_400_000,
+            lease_ms: 30_000,
+            correlation_id: None,
+        }
+    }
+
+    fn record(status: Status, fp: u8, expires_in: i64, lease_in: Option<i64>, retained: bool) -> Record {
+        let response = (status == Status::Completed).then(|| StoredResponse {
+            status: 201,
+            headers: vec![],
+            body: Bytes::from_static(b"{}"),
+            retained,
+        });
+        Record {
+            id: RecordId::new("orders", "t1", "k1"),
+            fingerprint: Fingerprint([fp; 32]),
+            status,
+            lease: lease_in.map(|d| Lease { token: 7, locked_until: NOW + d }),
+            response,
+            created_at: NOW - 10,
+            last_seen_at: NOW - 10,
+            expires_at: NOW + expires_in,
+            replay_count: 0,
+            attempt_count: 1,
+            correlation_id: None,
+            error_summary: None,
+        }
+    }
+
+    fn arb_status() -> impl Strategy<Value = Status> {
+        prop::sample::select(Status::ALL.to_vec())
+    }
+
+    proptest! {
+        /// Row "any record, different fingerprint": a live record with another payload is
+        /// never executed, replayed or leaked — always `KeyReused`.
+        #[test]
+        fn different_fingerprint_is_always_rejected(
+            status in arb_status(), lease_in in prop::option::of(-50_000i64..50_000), retry in any::<bool>(),
+        ) {
+            let existing = record(status, 1, 1_000, lease_in, true);
+            let policy = ClaimPolicy { on_unknown: if retry { OnUnknown::Retry } else { OnUnknown::Review } };
+            prop_assert_eq!(decide(Some(&existing), &intent(2), policy), Decision::KeyReused);
+        }
+
+        /// Row "nothing, or an expired record": whatever it held, an expired record without a
+        /// live lease is claimed anew, with a fresh record.
+        #[test]
+        fn expired_records_are_claimed_anew(status in arb_status(), fp in 0u8..4, expired_by in 0i64..1_000_000) {
+            let existing = record(status, fp, -expired_by, None, true);
+            let incoming = intent(1);
+            let decision = decide(Some(&existing), &incoming, ClaimPolicy::default());
+            prop_assert_eq!(decision, Decision::Execute(ExecuteReason::Expired));
+            let Transition::Write(new) = transition(decision, Some(&existing), &incoming, 9) else {
+                panic!("an execute decision must write a claim");
+            };
+            prop_assert_eq!(new.status, Status::InProgress);
+            prop_assert_eq!(new.attempt_count, 1);
+            prop_assert_eq!(new.fingerprint, incoming.fingerprint);
+            prop_assert_eq!(new.lease, Some(Lease { token: 9, locked_until: NOW + 30_000 }));
+        }
+
+        /// A decision executes exactly when the transition hands the caller a lease, and
+        /// every written claim carries the caller's token.
+        #[test]
+        fn only_execute_hands_out_a_lease(
+            status in arb_status(), fp in 0u8..3, expires_in in -1_000i64..1_000,
+            lease_in in prop::option::of(-1_000i64..1_000), retry in any::<bool>(), retained in any::<bool>(),
+        ) {
+            let existing = record(status, fp, expires_in, lease_in, retained);
+            let policy = ClaimPolicy { on_unknown: if retry { OnUnknown::Retry } else { OnUnknown::Review } };
+            let incoming = intent(1);
+            let decision = decide(Some(&existing), &incoming, policy);
+            let leased = match transition(decision, Some(&existing), &incoming, 42) {
+                Transition::Write(r) => r.lease.map(|l| l.token) == Some(42),
+                _ => false,
+            };
+            prop_assert_eq!(decision.executes(), leased);
+        }
+    }
+
+    #[test]
+    fn nothing_stored_executes() {
+        assert_eq!(decide(None, &intent(1), ClaimPolicy::default()), Decision::Execute(ExecuteReason::New));
+    }
+
+    #[test]
+    fn completed_same_fingerprint_replays() {
+        let existing = record(Status::Completed, 1, 1_000, None, true);
+        assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::Replay);
+        let Transition::Touch(touched) = transition(Decision::Replay, Some(&existing), &intent(1), 0) else {
+            panic!("a replay only touches the record");
+        };
+        assert_eq!(touched.replay_count, 1);
+        assert_eq!(touched.status, Status::Completed);
+    }
+
+    #[test]
+    fn completed_but_not_retained_is_gone() {
+        let existing = record(Status::Completed, 1, 1_000, None, false);
+        assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::NotRetained);
+    }
+
+    #[test]
+    fn live_lease_is_in_flight() {
+        let existing = record(Status::InProgress, 1, 1_000, Some(500), true);
+        assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::InFlight);
+    }
+
+    #[test]
+    fn live_lease_outlives_ttl() {
+        let existing = record(Status::InProgress, 1, -1, Some(500), true);
+        assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::InFlight);
+    }
+
+    #[test]
+    fn dead_owner_becomes_outcome_unknown() {
+        let existing = record(Status::InProgress, 1, 1_000, Some(-1), true);
+        let decision = decide(Some(&existing), &intent(1), ClaimPolicy::default());
+        assert_eq!(decision, Decision::OutcomeUnknown);
+        let Transition::Write(new) = transition(decision, Some(&existing), &intent(1), 0) else {
+            panic!("the lost lease must be recorded");
+        };
+        assert_eq!(new.status, Status::OutcomeUnknown);
+        assert_eq!(new.lease, None);
+    }
+
+    #[test]
+    fn unknown_stays_unknown_unless_policy_retries() {
+        let existing = record(Status::OutcomeUnknown, 1, 1_000, None, true);
+        assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::OutcomeUnknown);
+        assert_eq!(transition(Decision::OutcomeUnknown, Some(&existing), &intent(1), 0), Transition::None);
+        let retry = ClaimPolicy { on_unknown: OnUnknown::Retry };
+        assert_eq!(decide(Some(&existing), &intent(1), retry), Decision::Execute(ExecuteReason::UnknownRetry));
+    }
+
+    #[test]
+    fn failed_retryable_is_a_retry_recovery() {
+        let existing = record(Status::FailedRetryable, 1, 1_000, None, true);
+        let decision = decide(Some(&existing), &intent(1), ClaimPolicy::default());
+        assert_eq!(decision, Decision::Execute(ExecuteReason::RetryRecovery));
+        let Transition::Write(new) = transition(decision, Some(&existing), &intent(1), 3) else {
+            panic!("a retry recovery claims the record");
+        };
+        assert_eq!(new.attempt_count, 2);
+        assert_eq!(new.created_at, existing.created_at);
+    }
+
+    #[test]
+    fn needs_review_blocks() {
+        let existing = record(Status::NeedsReview, 1, 1_000, None, true);
+        assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::NeedsReview);
+    }
+}

@@ -1,0 +1,225 @@
+//! The record model shared by every path (SPEC §1).
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::fingerprint::Fingerprint;
+
+/// Milliseconds since the Unix epoch. Every time in a record uses this unit.
+pub type Millis = i64;
+
+/// The owner token of a lease. A store accepts `renew` and `finish` only from the holder
+/// of the current token, so an owner whose lease was taken over can never complete.
+pub type LeaseToken = u64;
+
+/// Where a record lives: scope, tenant and key together are its identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RecordId {
+    /// The operation: a gateway route, `flow:step`, or `consumer:subscriber`.
+    pub scope: String,
+    /// Who acted. Records of two tenants never meet.
+    pub tenant: String,
+    /// The idempotency key, business key or message id.
+    pub key: String,
+}
+
+impl RecordId {
+    /// Builds an id from its three parts.
+    pub fn new(scope: impl Into<String>, tenant: impl Into<String>, key: impl Into<String>) -> Self {
+        Self { scope: scope.into(), tenant: tenant.into(), key: key.into() }
+    }
+}
+
+impl fmt::Display for RecordId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tenant = if self.tenant.is_empty() { "-" } else { &self.tenant };
+        write!(f, "{}/{}/{}", self.scope, tenant, self.key)
+    }
+}
+
+/// The life-cycle state of a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Claimed: an owner holds the lease and is executing the action.
+    InProgress,
+    /// Executed with a final answer, which is replayed.
+    Completed,
+    /// Executed without a final answer; the next attempt executes again.
+    FailedRetryable,
+    /// The action may or may not have happened; nothing executes until it is resolved.
+    OutcomeUnknown,
+    /// A failure a person must look at (runner and consumer).
+    NeedsReview,
+}
+
+impl Status {
+    /// Every status, in the order tables and metrics list them.
+    pub const ALL: [Status; 5] = [
+        Status::InProgress,
+        Status::Completed,
+        Status::FailedRetryable,
+        Status::OutcomeUnknown,
+        Status::NeedsReview,
+    ];
+
+    /// The stable snake_case name used in the store, the admin API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::InProgress => "in_progress",
+            Status::Completed => "completed",
+            Status::FailedRetryable => "failed_retryable",
+            Status::OutcomeUnknown => "outcome_unknown",
+            Status::NeedsReview => "needs_review",
+        }
+    }
+
+    /// Parses the stable name back.
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|status| status.as_str() == s)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A lease on an `in_progress` record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The owner's fencing token.
+    pub token: LeaseToken,
+    /// The owner is presumed dead after this instant.
+    pub locked_until: Millis,
+}
+
+/// A stored answer. Header values keep their bytes: each byte maps to one `char`
+/// (ISO-8859-1), so values that are not UTF-8 survive a round trip unchanged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// HTTP status code (or a step's status).
+    pub status: u16,
+    /// End-to-end headers, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body; empty when not retained.
+    pub body: Bytes,
+    /// False when the answer was too large to keep: the record replays as `410`.
+    pub retained: bool,
+}
+
+/// One protected intent and everything the store remembers of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Identity.
+    pub id: RecordId,
+    /// SHA-256 of the canonical request.
+    pub fingerprint: Fingerprint,
+    /// Life-cycle state.
+    pub status: Status,
+    /// Present while `in_progress`; cleared when the record leaves that state.
+    pub lease: Option<Lease>,
+    /// The final answer of a `completed` record.
+    pub response: Option<StoredResponse>,
+    /// When the record was first claimed (re-set when an expired record is claimed anew).
+    pub created_at: Millis,
+    /// When a request last touched it.
+    pub last_seen_at: Millis,
+    /// When it is forgotten.
+    pub expires_at: Millis,
+    /// How many times the stored answer was replayed.
+    pub replay_count: u64,
+    /// How many times the action was executed.
+    pub attempt_count: u64,
+    /// The request id of the attempt that created the current state, for tracing.
+    pub correlation_id: Option<String>,
+    /// Why the last attempt did not complete.
+    pub error_summary: Option<String>,
+}
+
+impl Record {
+    /// True when the record no longer counts: past its expiry, unless an owner still holds a
+    /// live lease on it (an action that outlives its TTL must not be claimed twice).
+    pub fn is_expired(&self, now: Millis) -> bool {
+        if self.expires_at > now {
+            return false;
+        }
+        !matches!((self.status, self.lease), (Status::InProgress, Some(lease)) if lease.locked_until > now)
+    }
+
+    /// True when an owner holds a lease that has not run out.
+    pub fn lease_alive(&self, now: Millis) -> bool {
+        self.status == Status::InProgress && self.lease.is_some_and(|l| l.locked_until > now)
+    }
+}
+
+/// What a caller wants to do, as the decision table sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Intent {
+    /// Where the record lives.
+    pub id: RecordId,
+    /// SHA-256 of the canonical request.
+    pub fingerprint: Fingerprint,
+    /// The caller's clock.
+    pub now: Millis,
+    /// How long a completed record is remembered.
+    pub ttl_ms: Millis,
+    /// How long a claim holds before its owner is presumed dead.
+    pub lease_ms: Millis,
+    /// The caller's request id, stored for tracing.
+    pub correlation_id: Option<String>,
+}
+
+/// How an owner ends its lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A final answer: replayed from now on.
+    Completed(StoredResponse),
+    /// Not executed, or not final: the next attempt executes.
+    Retryable {
+        /// What went wrong, without bodies or credentials.
+        error: String,
+    },
+    /// Sent but never answered: nothing executes until someone resolves it.
+    Unknown {
+        /// What went wrong, without bodies or credentials.
+        error: String,
+    },
+    /// A failure a person must look at.
+    NeedsReview {
+        /// What went wrong, without bodies or credentials.
+        error: String,
+    },
+}
+
+impl Outcome {
+    /// The status a record takes on this outcome.
+    pub fn status(&self) -> Status {
+        match self {
+            Outcome::Completed(_) => Status::Completed,
+            Outcome::Retryable { .. } => Status::FailedRetryable,
+            Outcome::Unknown { .. } => Status::OutcomeUnknown,
+            Outcome::NeedsReview { .. } => Status::NeedsReview,
+        }
+    }
+
+    /// Applies the outcome to a record the caller owns: the pure half of `Store::finish`.
+    pub fn apply(self, record: &mut Record, now: Millis) {
+        record.status = self.status();
+        record.lease = None;
+        record.last_seen_at = now;
+        match self {
+            Outcome::Completed(response) => {
+                record.response = Some(response);
+                record.error_summary = None;
+            }
+            Outcome::Retryable { error } | Outcome::Unknown { error } | Outcome::NeedsReview { error } => {
+                record.response = None;
+                record.error_summary = Some(error);
+            }
+        }
+    }
+}

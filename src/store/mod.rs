@@ -1,0 +1,208 @@
+//! Where records live: one small object-safe trait, chosen once at start-up from a URL.
+//!
+//! Every backend runs the decision of [`crate::core::decide`] inside its own atomic
+//! section, so two concurrent identical intents never both execute, whatever the store.
+//! Every backend passes [`conformance`].
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::core::{
+    ClaimPolicy, Decision, Intent, LeaseToken, Millis, NotResolvable, Outcome, Record, RecordId, Resolution,
+    Status,
+};
+
+pub mod conformance;
+pub mod memory;
+pub mod sqlite;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store cannot be reached or refused the operation; the caller fails closed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored row could not be read back.
+    #[error("store holds an unreadable record: {0}")]
+    Corrupt(String),
+    /// The store URL is malformed or names an unsupported backend.
+    #[error("invalid store URL {url:?}: {reason}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The store was written by a newer idem and is left untouched.
+    #[error("the store's schema version {found} is newer than this idem understands ({supported}); upgrade idem")]
+    TooNew {
+        /// The version found.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+    /// No record with that id.
+    #[error("no such record")]
+    NotFound,
+    /// The record is in a state the operation does not apply to.
+    #[error(transparent)]
+    NotResolvable(#[from] NotResolvable),
+}
+
+impl Error {
+    /// True when trying again later may succeed (an outage, not bad input).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable(_))
+    }
+}
+
+/// The result of a claim: the decision and the record it was made on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// What the caller must do.
+    pub decision: Decision,
+    /// After `Execute`, the claimed record; otherwise the record the decision was made on.
+    pub record: Option<Record>,
+    /// The caller's lease token, present exactly when the decision executes.
+    pub token: Option<LeaseToken>,
+}
+
+/// A page of records, newest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    /// The records.
+    pub records: Vec<Record>,
+    /// Pass this back to get the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Which records to list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only this scope.
+    pub scope: Option<String>,
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Only this status.
+    pub status: Option<Status>,
+    /// Only keys starting with this.
+    pub key_prefix: Option<String>,
+    /// At most this many (the store caps it at [`MAX_PAGE`]).
+    pub limit: usize,
+    /// Where the previous page ended.
+    pub cursor: Option<Cursor>,
+}
+
+/// The largest page a store returns.
+pub const MAX_PAGE: usize = 1000;
+
+/// The position after the last record of a page: records sort by `created_at`
+/// descending, then by id descending.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// `created_at` of the last record returned.
+    pub created_at: Millis,
+    /// Id of the last record returned.
+    pub id: RecordId,
+}
+
+impl Cursor {
+    /// The cursor after `record`.
+    pub fn after(record: &Record) -> Self {
+        Self { created_at: record.created_at, id: record.id.clone() }
+    }
+
+    /// An opaque URL-safe token.
+    pub fn encode(&self) -> String {
+        use base64::Engine;
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+    }
+
+    /// Reads a token made by [`Cursor::encode`].
+    pub fn decode(token: &str) -> Option<Self> {
+        use base64::Engine;
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).ok()?;
+        serde_json::from_slice(&json).ok()
+    }
+
+    /// True when `record` sorts after this cursor (belongs to a later page).
+    pub fn precedes(&self, record: &Record) -> bool {
+        (record.created_at, &record.id) < (self.created_at, &self.id)
+    }
+}
+
+/// Record counts for one scope and status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatRow {
+    /// The scope.
+    pub scope: String,
+    /// The status.
+    pub status: Status,
+    /// How many records.
+    pub count: u64,
+}
+
+/// The storage contract. Object-safe, chosen once from the store URL into `Arc<dyn Store>`.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Decides an intent (SPEC §2) and persists what the decision changes, atomically:
+    /// a claim is durable before this returns `Execute`.
+    async fn claim(&self, intent: &Intent, policy: ClaimPolicy) -> Result<Claim, Error>;
+
+    /// Extends a lease. `false` when `token` no longer owns the record (fencing).
+    async fn renew(&self, id: &RecordId, token: LeaseToken, locked_until: Millis) -> Result<bool, Error>;
+
+    /// Ends a lease with its outcome. `false` when `token` no longer owns the record: a
+    /// stale owner can never complete.
+    async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome, now: Millis) -> Result<bool, Error>;
+
+    /// One record.
+    async fn get(&self, id: &RecordId) -> Result<Option<Record>, Error>;
+
+    /// Records, newest first.
+    async fn list(&self, query: &ListQuery) -> Result<Page, Error>;
+
+    /// Forgets a record: the next intent with its key executes. `false` when absent.
+    async fn delete(&self, id: &RecordId) -> Result<bool, Error>;
+
+    /// Settles an `outcome_unknown` (or `needs_review`) record.
+    async fn resolve(&self, id: &RecordId, resolution: Resolution, now: Millis) -> Result<Record, Error>;
+
+    /// Removes up to `limit` expired records; returns how many.
+    async fn purge_expired(&self, now: Millis, limit: usize) -> Result<u64, Error>;
+
+    /// Counts by scope and status.
+    async fn stats(&self) -> Result<Vec<StatRow>, Error>;
+}
+
+/// Opens the store a URL names: `sqlite://PATH`, `memory://`.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
+    let bad = |reason: &str| Error::BadUrl { url: url.to_owned(), reason: reason.to_owned() };
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("expected SCHEME://…, e.g. sqlite://./idem.db"))?;
+    match scheme {
+        "memory" => Ok(Arc::new(memory::MemoryStore::default())),
+        "sqlite" => {
+            let options = sqlite::Options::from_url_rest(rest).map_err(|reason| bad(&reason))?;
+            Ok(Arc::new(sqlite::SqliteStore::open(options).await?))
+        }
+        "postgres" | "postgresql" | "redis" | "rediss" => {
+            Err(bad("this build of idem has no PostgreSQL or Redis store yet; use sqlite://PATH"))
+        }
+        _ => Err(bad("unknown scheme; use sqlite://PATH or memory://")),
+    }
+}
+
+/// A fresh lease token. Random, so tokens never repeat across processes or restarts.
+pub fn new_token() -> LeaseToken {
+    // Kept below 2^63 so every backend can store it as a signed 64-bit integer.
+    rand::random::<u64>() >> 1
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_millis() -> Millis {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    crate::core::units::millis(since)
+}

@@ -3,7 +3,12 @@
 //!
 //! [`core`] holds the record model and the decision table (no IO); [`store`] persists
 //! records; [`gateway`] is the idempotency reverse proxy; [`admin`] and [`cli`] inspect
-//! and settle records.
+//! and settle records; [`demo`] is an upstream to try it against.
 
+pub mod admin;
+pub mod cli;
 pub mod core;
+pub mod demo;
+pub mod gateway;
+pub mod metrics;
 pub mod store;

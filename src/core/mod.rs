@@ -11,8 +11,8 @@ pub mod record;
 pub mod units;
 
 pub use decision::{
-    ClaimPolicy, Decision, ExecuteReason, NotResolvable, OnUnknown, Resolution, Transition, decide, resolve,
-    transition,
+    ClaimPolicy, Decision, ExecuteReason, NotResolvable, OnUnknown, Resolution, Transition, decide,
+    is_final_status, resolve, transition,
 };
 pub use fingerprint::{Fingerprint, FingerprintSpec};
 pub use record::{

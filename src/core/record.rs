@@ -27,14 +27,26 @@ pub struct RecordId {
 
 impl RecordId {
     /// Builds an id from its three parts.
-    pub fn new(scope: impl Into<String>, tenant: impl Into<String>, key: impl Into<String>) -> Self {
-        Self { scope: scope.into(), tenant: tenant.into(), key: key.into() }
+    pub fn new(
+        scope: impl Into<String>,
+        tenant: impl Into<String>,
+        key: impl Into<String>,
+    ) -> Self {
+        Self {
+            scope: scope.into(),
+            tenant: tenant.into(),
+            key: key.into(),
+        }
     }
 }
 
 impl fmt::Display for RecordId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let tenant = if self.tenant.is_empty() { "-" } else { &self.tenant };
+        let tenant = if self.tenant.is_empty() {
+            "-"
+        } else {
+            &self.tenant
+        };
         write!(f, "{}/{}/{}", self.scope, tenant, self.key)
     }
 }
@@ -216,7 +228,9 @@ impl Outcome {
                 record.response = Some(response);
                 record.error_summary = None;
             }
-            Outcome::Retryable { error } | Outcome::Unknown { error } | Outcome::NeedsReview { error } => {
+            Outcome::Retryable { error }
+            | Outcome::Unknown { error }
+            | Outcome::NeedsReview { error } => {
                 record.response = None;
                 record.error_summary = Some(error);
             }

@@ -1,0 +1,367 @@
+//! The admin API (SPEC §4): list, show, forget and resolve records, purge, stats,
+//! metrics and probes, on its own listener. `/v1` needs the bearer token when one is
+//! configured; `/metrics`, `/healthz` and `/readyz` stay open for scrapers and probes.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use bytes::Bytes;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+
+use crate::core::{Record, RecordId, Resolution, Status, StoredResponse};
+use crate::store::{self, Cursor, ListQuery, Store, now_millis};
+
+/// What the admin API serves from.
+pub struct Admin {
+    /// The record store.
+    pub store: Arc<dyn Store>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// The bearer token `/v1` requires, when configured.
+    pub token: Option<String>,
+}
+
+/// The admin router.
+pub fn router(admin: Arc<Admin>) -> axum::Router {
+    let v1 = axum::Router::new()
+        .route("/v1/records", get(list))
+        .route("/v1/records/{scope}/{key}", get(show).delete(forget))
+        .route("/v1/records/{scope}/{key}/resolve", post(resolve))
+        .route("/v1/purge", post(purge))
+        .route("/v1/stats", get(stats))
+        .route_layer(middleware::from_fn_with_state(admin.clone(), authorize));
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(render_metrics))
+        .merge(v1)
+        .with_state(admin)
+}
+
+/// An admin error, as problem+json.
+#[derive(Debug)]
+pub struct AdminError(StatusCode, &'static str, String);
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let AdminError(status, kind, detail) = self;
+        let body = json!({ "type": kind, "title": status.canonical_reason(), "status": status.as_u16(), "detail": detail });
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+impl From<store::Error> for AdminError {
+    fn from(e: store::Error) -> Self {
+        match e {
+            store::Error::NotFound => AdminError(
+                StatusCode::NOT_FOUND,
+                "record-not-found",
+                "No such record.".into(),
+            ),
+            store::Error::NotResolvable(e) => {
+                AdminError(StatusCode::CONFLICT, "record-not-resolvable", e.to_string())
+            }
+            e if e.is_retryable() => {
+                tracing::warn!(error = %e, "admin: store unavailable");
+                AdminError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store-unavailable",
+                    "The store cannot be reached.".into(),
+                )
+            }
+            e => {
+                tracing::error!(error = %e, "admin: store error");
+                AdminError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store-error",
+                    "The store failed; see the logs.".into(),
+                )
+            }
+        }
+    }
+}
+
+fn bad_request(detail: impl Into<String>) -> AdminError {
+    AdminError(StatusCode::BAD_REQUEST, "bad-request", detail.into())
+}
+
+async fn authorize(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(expected) = &admin.token else {
+        return next.run(request).await;
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant time, so the comparison does not reveal how much of a guess was right.
+    if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
+        next.run(request).await
+    } else {
+        let mut response = AdminError(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "A valid bearer token is required.".into(),
+        )
+        .into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        response
+    }
+}
+
+async fn ready(State(admin): State<Arc<Admin>>) -> Result<&'static str, AdminError> {
+    admin
+        .store
+        .get(&RecordId::new("idem:readyz", "", "probe"))
+        .await?;
+    Ok("ready\n")
+}
+
+async fn render_metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        admin.metrics.render(),
+    )
+}
+
+/// `GET /v1/records` parameters.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    scope: Option<String>,
+    tenant: Option<String>,
+    status: Option<String>,
+    key_prefix: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+impl ListParams {
+    fn into_query(self) -> Result<ListQuery, AdminError> {
+        let status = self
+            .status
+            .as_deref()
+            .map(parse_status)
+            .transpose()
+            .map_err(bad_request)?;
+        let cursor = match self.cursor.as_deref() {
+            Some(token) => Some(
+                Cursor::decode(token)
+                    .ok_or_else(|| bad_request("cursor is not one this API returned"))?,
+            ),
+            None => None,
+        };
+        Ok(ListQuery {
+            scope: self.scope,
+            tenant: self.tenant,
+            status,
+            key_prefix: self.key_prefix,
+            limit: self.limit.unwrap_or(100),
+            cursor,
+        })
+    }
+}
+
+/// Parses a status name, listing the valid ones when it is not one.
+pub fn parse_status(s: &str) -> Result<Status, String> {
+    Status::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+        format!("unknown status {s:?}; use one of {}", names.join(", "))
+    })
+}
+
+async fn list(
+    State(admin): State<Arc<Admin>>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Value>, AdminError> {
+    let page = admin.store.list(&params.into_query()?).await?;
+    let records: Vec<Value> = page.records.iter().map(record_json).collect();
+    Ok(Json(
+        json!({ "records": records, "next_cursor": page.next_cursor }),
+    ))
+}
+
+/// `?tenant=` on single-record calls; records without a tenant use the empty string.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantParam {
+    #[serde(default)]
+    tenant: String,
+}
+
+async fn show(
+    State(admin): State<Arc<Admin>>,
+    Path((scope, key)): Path<(String, String)>,
+    Query(t): Query<TenantParam>,
+) -> Result<Json<Value>, AdminError> {
+    let record = admin
+        .store
+        .get(&RecordId::new(scope, t.tenant, key))
+        .await?
+        .ok_or(store::Error::NotFound)?;
+    Ok(Json(record_json(&record)))
+}
+
+async fn forget(
+    State(admin): State<Arc<Admin>>,
+    Path((scope, key)): Path<(String, String)>,
+    Query(t): Query<TenantParam>,
+) -> Result<StatusCode, AdminError> {
+    let id = RecordId::new(scope, t.tenant, key);
+    if admin.store.delete(&id).await? {
+        tracing::info!(scope = %id.scope, "admin: record deleted");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(store::Error::NotFound.into())
+    }
+}
+
+async fn resolve(
+    State(admin): State<Arc<Admin>>,
+    Path((scope, key)): Path<(String, String)>,
+    Query(t): Query<TenantParam>,
+    body: Bytes,
+) -> Result<Json<Value>, AdminError> {
+    let request: Value =
+        serde_json::from_slice(&body).map_err(|e| bad_request(format!("body is not JSON: {e}")))?;
+    let resolution = parse_resolution(&request).map_err(bad_request)?;
+    let record = admin
+        .store
+        .resolve(
+            &RecordId::new(scope, t.tenant, key),
+            resolution,
+            now_millis(),
+        )
+        .await?;
+    Ok(Json(record_json(&record)))
+}
+
+async fn purge(State(admin): State<Arc<Admin>>) -> Json<Value> {
+    let removed = crate::gateway::purge_all(admin.store.as_ref(), &Default::default()).await;
+    Json(json!({ "purged": removed }))
+}
+
+async fn stats(State(admin): State<Arc<Admin>>) -> Result<Json<Value>, AdminError> {
+    let rows = admin.store.stats().await?;
+    crate::metrics::set_records(&rows);
+    Ok(Json(stats_json(&rows)))
+}
+
+/// Stats as `{"total": N, "scopes": {scope: {status: N}}}`.
+pub fn stats_json(rows: &[store::StatRow]) -> Value {
+    let mut scopes = serde_json::Map::new();
+    for row in rows {
+        let entry = scopes.entry(row.scope.clone()).or_insert_with(|| json!({}));
+        entry[row.status.as_str()] = row.count.into();
+    }
+    json!({ "total": rows.iter().map(|r| r.count).sum::<u64>(), "scopes": scopes })
+}
+
+/// Reads `{"action":"release"}` or `{"action":"complete","status":201,"headers":{…},"body":…}`.
+/// A string body is sent as its text; any other JSON body as its JSON; `body_base64`
+/// carries bytes.
+pub fn parse_resolution(request: &Value) -> Result<Resolution, String> {
+    match request.get("action").and_then(Value::as_str) {
+        Some("release") => Ok(Resolution::Release),
+        Some("complete") => {
+            let status = request
+                .get("status")
+                .and_then(Value::as_u64)
+                .filter(|s| (100..=599).contains(s))
+                .ok_or("\"complete\" needs a \"status\" between 100 and 599")?
+                as u16;
+            let headers = match request.get("headers") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Object(map)) => map
+                    .iter()
+                    .map(|(k, v)| match v {
+                        Value::String(s) => Ok((k.to_ascii_lowercase(), s.clone())),
+                        _ => Err(format!("header {k:?} must be a string")),
+                    })
+                    .collect::<Result<_, _>>()?,
+                Some(_) => return Err("\"headers\" must be an object of strings".into()),
+            };
+            let body = match (request.get("body"), request.get("body_base64")) {
+                (_, Some(Value::String(b64))) => Bytes::from(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .map_err(|e| format!("body_base64: {e}"))?,
+                ),
+                (None | Some(Value::Null), _) => Bytes::new(),
+                (Some(Value::String(text)), _) => Bytes::from(text.clone()),
+                (Some(json), _) => Bytes::from(json.to_string()),
+            };
+            Ok(Resolution::Complete(StoredResponse {
+                status,
+                headers,
+                body,
+                retained: true,
+            }))
+        }
+        _ => Err("\"action\" must be \"release\" or \"complete\"".into()),
+    }
+}
+
+/// A record as JSON: times in RFC 3339, the body as text when it is UTF-8, else base64.
+pub fn record_json(record: &Record) -> Value {
+    let response = record.response.as_ref().map(|r| {
+        let mut value = json!({
+            "status": r.status,
+            "headers": r.headers,
+            "retained": r.retained,
+        });
+        match std::str::from_utf8(&r.body) {
+            Ok(text) => value["body"] = text.into(),
+            Err(_) => {
+                value["body_base64"] = base64::engine::general_purpose::STANDARD
+                    .encode(&r.body)
+                    .into()
+            }
+        }
+        value
+    });
+    json!({
+        "scope": record.id.scope,
+        "tenant": record.id.tenant,
+        "key": record.id.key,
+        "fingerprint": record.fingerprint.to_hex(),
+        "status": record.status.as_str(),
+        "locked_until": record.lease.map(|l| rfc3339(l.locked_until)),
+        "response": response,
+        "created_at": rfc3339(record.created_at),
+        "last_seen_at": rfc3339(record.last_seen_at),
+        "expires_at": rfc3339(record.expires_at),
+        "replay_count": record.replay_count,
+        "attempt_count": record.attempt_count,
+        "correlation_id": record.correlation_id,
+        "error_summary": record.error_summary,
+    })
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC.
+pub fn rfc3339(at: crate::core::Millis) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}

@@ -1,0 +1,638 @@
+//! Request handling: route, identify, claim, then execute, replay or refuse — SPEC §2
+//! and §4, on top of the decision the store made.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
+
+use super::body::{Body, BoxError, ReadError, boxed, full, read_limited};
+use super::odata;
+use super::problem::Problem;
+use super::route::{ForwardKey, KeySource, Route, RouteTable, TenantSource};
+use super::upstream::{Upstream, UpstreamError, strip_hop_by_hop};
+use crate::core::fingerprint::{RequestView, fingerprint};
+use crate::core::units::millis;
+use crate::core::{
+    Decision, ExecuteReason, Fingerprint, Intent, LeaseToken, Millis, Outcome, Record, RecordId,
+    StoredResponse, key,
+};
+use crate::metrics::{self, Label};
+use crate::store::{Store, now_millis};
+
+/// `Idempotent-Replayed: true` marks an answer served from the store.
+pub const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// When the record behind a protected answer is forgotten (an HTTP date).
+pub const EXPIRES: HeaderName = HeaderName::from_static("idempotency-expires");
+
+/// The gateway: routes, store and upstream, shared by every connection.
+pub struct Gateway {
+    routes: RouteTable,
+    store: Arc<dyn Store>,
+    upstream: Upstream,
+    odata: bool,
+    client_timeout: Duration,
+    /// Claimed requests run here, detached from their client's connection, so a client
+    /// that goes away never cancels an upstream call or leaves its record unfinished.
+    /// Graceful shutdown waits for it to drain.
+    tasks: TaskTracker,
+}
+
+/// What identifies a protected request.
+#[derive(Clone, Debug)]
+struct Identified {
+    id: RecordId,
+    fingerprint: Fingerprint,
+    /// Came in as an OData repeatable request.
+    odata: bool,
+}
+
+impl Gateway {
+    /// A gateway over its parts.
+    pub fn new(
+        routes: RouteTable,
+        store: Arc<dyn Store>,
+        upstream: Upstream,
+        odata: bool,
+        client_timeout: Duration,
+    ) -> Self {
+        Self {
+            routes,
+            store,
+            upstream,
+            odata,
+            client_timeout,
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// The detached executions, for graceful shutdown.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    /// Answers one client request.
+    pub async fn handle<B>(
+        self: Arc<Self>,
+        request: Request<B>,
+        peer: Option<SocketAddr>,
+    ) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let Some(route) = self
+            .routes
+            .find(request.method(), request.uri().path())
+            .cloned()
+        else {
+            let safe = request.method() == Method::GET || request.method() == Method::HEAD;
+            if self.odata && !safe && odata::present(request.headers()) {
+                metrics::request("", Label::Rejected);
+                return Problem::RepeatabilityRejected {
+                    status: StatusCode::NOT_IMPLEMENTED,
+                    detail: "Repeatable requests are not supported on this resource.".into(),
+                }
+                .response();
+            }
+            metrics::request("", Label::Passthrough);
+            return self.passthrough(request.map(boxed), peer).await;
+        };
+        self.protected(route, request, peer).await
+    }
+
+    async fn passthrough(
+        &self,
+        mut request: Request<Body>,
+        peer: Option<SocketAddr>,
+    ) -> Response<Body> {
+        self.upstream.prepare(&mut request, peer);
+        match self.upstream.send(request).await {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, boxed(body))
+            }
+            Err(UpstreamError::NotSent(_)) => Problem::UpstreamUnavailable.response(),
+            Err(UpstreamError::Lost(_)) => Problem::UpstreamBroken.response(),
+        }
+    }
+
+    async fn protected<B>(
+        self: Arc<Self>,
+        route: Arc<Route>,
+        request: Request<B>,
+        peer: Option<SocketAddr>,
+    ) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = request.into_parts();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let body = match declared {
+            Some(length) if length > route.max_body => Err(ReadError::TooLarge),
+            _ => read_limited(body, route.max_body, self.client_timeout).await,
+        };
+        let body = match body {
+            Ok(body) => body,
+            Err(error) => {
+                metrics::request(&route.name, Label::Rejected);
+                return match error {
+                    ReadError::TooLarge => Problem::BodyTooLarge {
+                        limit: route.max_body,
+                    },
+                    ReadError::TimedOut => Problem::ClientTimeout,
+                    ReadError::Broken => {
+                        Problem::BadRequest("The request body could not be read.".into())
+                    }
+                }
+                .response();
+            }
+        };
+        let identified = match identify(&route, self.odata, &parts, &body) {
+            Ok(Some(identified)) => identified,
+            Ok(None) => {
+                metrics::request(&route.name, Label::MissingKey);
+                return self
+                    .passthrough(Request::from_parts(parts, full(body)), peer)
+                    .await;
+            }
+            Err(problem) => {
+                let label = if matches!(problem, Problem::KeyMissing { .. }) {
+                    Label::MissingKey
+                } else {
+                    Label::Rejected
+                };
+                metrics::request(&route.name, label);
+                return problem.response();
+            }
+        };
+        // From here on the work runs detached: a claim is never left without its outcome.
+        let gateway = self.clone();
+        let work = self.tasks.spawn(async move {
+            gateway
+                .claim_and_act(&route, parts, body, identified, peer)
+                .await
+        });
+        work.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "a request handler failed");
+            Problem::BadRequest("The request could not be processed.".into()).response()
+        })
+    }
+
+    async fn claim_and_act(
+        &self,
+        route: &Route,
+        parts: Parts,
+        body: Bytes,
+        identified: Identified,
+        peer: Option<SocketAddr>,
+    ) -> Response<Body> {
+        let mut intent = Intent {
+            id: identified.id.clone(),
+            fingerprint: identified.fingerprint,
+            now: now_millis(),
+            ttl_ms: millis(route.ttl),
+            lease_ms: millis(route.lease),
+            correlation_id: correlation_id(&parts.headers),
+        };
+        let deadline = match route.in_flight {
+            super::route::InFlight::Wait(wait) => Some(Instant::now() + wait),
+            super::route::InFlight::Reject => None,
+        };
+        let mut pause = Duration::from_millis(10);
+        let claim = loop {
+            let started = Instant::now();
+            let claim = self.store.claim(&intent, route.policy()).await;
+            metrics::store_time("claim", started.elapsed());
+            let claim = match claim {
+                Ok(claim) => claim,
+                Err(error) => {
+                    tracing::warn!(route = %route.name, %error, "store unavailable: request refused, not forwarded");
+                    metrics::request(&route.name, Label::Rejected);
+                    return Problem::StoreUnavailable.response();
+                }
+            };
+            match (claim.decision, deadline) {
+                (Decision::InFlight, Some(deadline)) if Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(250));
+                    intent.now = now_millis();
+                }
+                _ => break claim,
+            }
+        };
+        tracing::debug!(route = %route.name, key_hash = %key_hash(&identified.id.key), decision = ?claim.decision);
+        let Some(record) = claim.record else {
+            // Every decision but a fresh execute is made on a stored record, and a fresh
+            // execute returns the record it claimed; a store that breaks this is refused.
+            metrics::request(&route.name, Label::Rejected);
+            return Problem::StoreUnavailable.response();
+        };
+        let (label, response) = match (claim.decision, claim.token) {
+            (Decision::Execute(reason), Some(token)) => {
+                match reason {
+                    ExecuteReason::RetryRecovery => metrics::retry_recovery(&route.name),
+                    ExecuteReason::Expired => metrics::expired_key_retry(&route.name),
+                    ExecuteReason::New | ExecuteReason::UnknownRetry => {}
+                }
+                let response = self.execute(route, parts, body, &record, token, peer).await;
+                (Label::Executed, accepted(response, identified.odata))
+            }
+            (Decision::Replay, _) => (Label::Replayed, accepted(replay(&record), identified.odata)),
+            (Decision::NotRetained, _) => (Label::Rejected, Problem::NotRetained.response()),
+            (Decision::KeyReused, _) if identified.odata => (
+                Label::KeyReused,
+                Problem::RepeatabilityRejected {
+                    status: StatusCode::BAD_REQUEST,
+                    detail: "This Repeatability-Request-ID was already used with another method, URI or payload.".into(),
+                }
+                .response(),
+            ),
+            (Decision::KeyReused, _) => (Label::KeyReused, Problem::KeyReused.response()),
+            (Decision::InFlight, _) => {
+                let locked_until = record.lease.map_or(intent.now, |l| l.locked_until);
+                let retry_after = ((locked_until - now_millis()).max(0) as u64).div_ceil(1000).max(1);
+                (Label::InFlight, Problem::InFlight { retry_after }.response())
+            }
+            (Decision::OutcomeUnknown, _) | (Decision::Execute(_), None) => {
+                (Label::OutcomeUnknown, Problem::OutcomeUnknown.response())
+            }
+            (Decision::NeedsReview, _) => (Label::Rejected, Problem::NeedsReview.response()),
+        };
+        metrics::request(&route.name, label);
+        with_expiry(response, record.expires_at)
+    }
+
+    /// Forwards a claimed request, keeps its lease alive meanwhile, records the outcome
+    /// and returns what the client gets.
+    async fn execute(
+        &self,
+        route: &Route,
+        parts: Parts,
+        body: Bytes,
+        record: &Record,
+        token: LeaseToken,
+        peer: Option<SocketAddr>,
+    ) -> Response<Body> {
+        let mut request = Request::from_parts(parts, full(body));
+        forward_key(
+            route,
+            request.headers_mut(),
+            &record.id.key,
+            record.created_at,
+        );
+        self.upstream.prepare(&mut request, peer);
+        let renewal = self.keep_lease(record.id.clone(), token, route.lease);
+        let started = Instant::now();
+        let exchange = tokio::time::timeout(route.upstream_timeout, self.exchange(request)).await;
+        drop(renewal);
+        metrics::upstream_time(&route.name, started.elapsed());
+        let (outcome, response) = match exchange {
+            Err(_) => (
+                Outcome::Unknown {
+                    error: format!(
+                        "no answer within upstream_timeout ({:?})",
+                        route.upstream_timeout
+                    ),
+                },
+                Problem::UpstreamTimeout.response(),
+            ),
+            Ok(Err(UpstreamError::NotSent(error))) => (
+                Outcome::Retryable { error },
+                Problem::UpstreamUnavailable.response(),
+            ),
+            Ok(Err(UpstreamError::Lost(error))) => (
+                Outcome::Unknown { error },
+                Problem::UpstreamBroken.response(),
+            ),
+            Ok(Ok((parts, bytes))) => answered(route, parts, bytes),
+        };
+        if !matches!(outcome, Outcome::Completed(_)) {
+            tracing::warn!(route = %route.name, key_hash = %key_hash(&record.id.key), status = outcome.status().as_str(), "upstream call did not complete");
+        }
+        self.finish(&record.id, token, outcome).await;
+        response
+    }
+
+    /// Sends a request and reads the whole answer.
+    async fn exchange(
+        &self,
+        request: Request<Body>,
+    ) -> Result<(http::response::Parts, Bytes), UpstreamError> {
+        let response = self.upstream.send(request).await?;
+        let (parts, body) = response.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| UpstreamError::Lost(format!("answer broken off: {e}")))?;
+        Ok((parts, bytes.to_bytes()))
+    }
+
+    /// Renews the lease every third of its length until the returned handle is dropped.
+    fn keep_lease(
+        &self,
+        id: RecordId,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> AbortOnDropHandle<()> {
+        let store = self.store.clone();
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                match store.renew(&id, token, now_millis() + millis(lease)).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(key_hash = %key_hash(&id.key), "lease lost while the upstream call runs");
+                        return;
+                    }
+                    Err(error) => tracing::warn!(%error, "could not renew a lease; will try again"),
+                }
+            }
+        }))
+    }
+
+    /// Records an outcome, retrying a store outage for a few seconds. If it still fails,
+    /// the lease runs out and the record becomes `outcome_unknown`: explicit, never a
+    /// duplicate.
+    async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome) {
+        let mut pause = Duration::from_millis(50);
+        for attempt in 0..6 {
+            let started = Instant::now();
+            let finished = self
+                .store
+                .finish(id, token, outcome.clone(), now_millis())
+                .await;
+            metrics::store_time("finish", started.elapsed());
+            match finished {
+                Ok(true) => return,
+                Ok(false) => {
+                    tracing::warn!(key_hash = %key_hash(&id.key), "lease lost before the answer was recorded");
+                    return;
+                }
+                Err(error) if error.is_retryable() && attempt < 5 => {
+                    tracing::warn!(%error, "could not record an answer; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(error) => {
+                    tracing::error!(%error, key_hash = %key_hash(&id.key), "could not record an answer; it becomes outcome_unknown when its lease runs out");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Derives the record id and fingerprint of a protected request. `Ok(None)`: no key on a
+/// route where it is optional.
+fn identify(
+    route: &Route,
+    odata_enabled: bool,
+    parts: &Parts,
+    body: &Bytes,
+) -> Result<Option<Identified>, Problem> {
+    let repeatable = if odata_enabled {
+        odata::parse(&parts.headers, SystemTime::now(), route.ttl)?
+    } else {
+        None
+    };
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let view = RequestView {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        content_type,
+        body,
+    };
+    let (fingerprint, _) = fingerprint(&route.fingerprint, view, |name| {
+        parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect()
+    });
+    let (raw_key, scope) = match &repeatable {
+        Some(r) => {
+            let scope = match &r.client_id {
+                Some(client) => format!("{}#{client}", route.name),
+                None => route.name.clone(),
+            };
+            (Some(r.request_id.clone()), scope)
+        }
+        None => (
+            route_key(route, &parts.headers, body, &fingerprint)?,
+            route.name.clone(),
+        ),
+    };
+    let Some(raw_key) = raw_key else {
+        return if route.required {
+            Err(Problem::KeyMissing {
+                source: key_source(route),
+            })
+        } else {
+            Ok(None)
+        };
+    };
+    let key = key::accept(&raw_key, route.normalize).map_err(|e| match repeatable {
+        Some(_) => Problem::RepeatabilityRejected {
+            status: StatusCode::BAD_REQUEST,
+            detail: format!("Repeatability-Request-ID: {e}."),
+        },
+        None => Problem::KeyInvalid(e),
+    })?;
+    let tenant = tenant(route, &parts.headers)?;
+    Ok(Some(Identified {
+        id: RecordId::new(scope, tenant, key),
+        fingerprint,
+        odata: repeatable.is_some(),
+    }))
+}
+
+fn route_key(
+    route: &Route,
+    headers: &HeaderMap,
+    body: &[u8],
+    fingerprint: &Fingerprint,
+) -> Result<Option<Vec<u8>>, Problem> {
+    Ok(match &route.key {
+        KeySource::Header(name) => {
+            let mut values = headers.get_all(name).iter();
+            let first = values.next();
+            if values.next().is_some() {
+                return Err(Problem::BadRequest(format!(
+                    "Send exactly one {name} header."
+                )));
+            }
+            first.map(|v| v.as_bytes().to_vec())
+        }
+        KeySource::Body(pointers) => key::from_body(body, pointers).map(String::into_bytes),
+        KeySource::Fingerprint => Some(fingerprint.to_hex().into_bytes()),
+    })
+}
+
+fn key_source(route: &Route) -> String {
+    match &route.key {
+        KeySource::Header(name) => format!("the {name} header"),
+        KeySource::Body(pointers) => format!("the JSON body at {}", pointers.join(", ")),
+        KeySource::Fingerprint => "the request".into(),
+    }
+}
+
+fn tenant(route: &Route, headers: &HeaderMap) -> Result<String, Problem> {
+    if let TenantSource::Header(name) = &route.tenant {
+        if let Some(value) = headers.get(name) {
+            return key::validate(value.as_bytes())
+                .map(str::to_owned)
+                .map_err(|e| Problem::BadRequest(format!("The {name} header is invalid: {e}.")));
+        }
+    }
+    Ok(key::tenant_from_credential(
+        headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    ))
+}
+
+fn correlation_id(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("x-request-id")?.to_str().ok()?;
+    (value.len() <= 128).then(|| value.to_owned())
+}
+
+/// A short, stable, non-reversible name for a key, for logs.
+fn key_hash(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(key.as_bytes())[..6])
+}
+
+/// Applies `forward_key` to the headers sent upstream.
+fn forward_key(route: &Route, headers: &mut HeaderMap, key: &str, created_at: Millis) {
+    let key_header = match &route.key {
+        KeySource::Header(name) => Some(name.clone()),
+        _ => None,
+    };
+    let Ok(key_value) = HeaderValue::from_str(key) else {
+        return;
+    };
+    match &route.forward_key {
+        ForwardKey::AsIs => {}
+        ForwardKey::Strip => {
+            key_header.map(|h| headers.remove(h));
+            for name in [odata::REQUEST_ID, odata::FIRST_SENT, odata::CLIENT_ID] {
+                headers.remove(name);
+            }
+        }
+        ForwardKey::Rename(name) => {
+            key_header.map(|h| headers.remove(h));
+            headers.insert(name.clone(), key_value);
+        }
+        ForwardKey::OData => {
+            key_header.map(|h| headers.remove(h));
+            let first_sent = httpdate::fmt_http_date(system_time(created_at));
+            headers.insert(odata::REQUEST_ID, key_value);
+            if let Ok(value) = HeaderValue::from_str(&first_sent) {
+                headers.insert(odata::FIRST_SENT, value);
+            }
+        }
+    }
+}
+
+/// Turns an upstream answer into the outcome to record and the client's response.
+fn answered(
+    route: &Route,
+    mut parts: http::response::Parts,
+    bytes: Bytes,
+) -> (Outcome, Response<Body>) {
+    strip_hop_by_hop(&mut parts.headers);
+    let status = parts.status.as_u16();
+    let outcome = if crate::core::is_final_status(status, route.store_server_errors) {
+        let retained = bytes.len() as u64 <= route.max_stored_response;
+        Outcome::Completed(StoredResponse {
+            status,
+            headers: storable_headers(&parts.headers, &route.replay_denylist),
+            body: if retained {
+                bytes.clone()
+            } else {
+                Bytes::new()
+            },
+            retained,
+        })
+    } else {
+        Outcome::Retryable {
+            error: format!("upstream answered {status}"),
+        }
+    };
+    (outcome, Response::from_parts(parts, full(bytes)))
+}
+
+/// End-to-end headers worth replaying. Values keep their bytes (one `char` per byte).
+fn storable_headers(headers: &HeaderMap, denylist: &[HeaderName]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| *name != header::CONTENT_LENGTH && !denylist.contains(name))
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                value.as_bytes().iter().map(|&b| char::from(b)).collect(),
+            )
+        })
+        .collect()
+}
+
+/// The stored answer, marked as a replay.
+fn replay(record: &Record) -> Response<Body> {
+    let Some(stored) = &record.response else {
+        return Problem::NotRetained.response();
+    };
+    let mut response = Response::new(full(stored.body.clone()));
+    *response.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let headers = response.headers_mut();
+    for (name, value) in &stored.headers {
+        let bytes: Vec<u8> = value
+            .chars()
+            .map(|c| u8::try_from(c).unwrap_or(b'?'))
+            .collect();
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::from_bytes(&bytes),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    headers.insert(REPLAYED, HeaderValue::from_static("true"));
+    response
+}
+
+fn accepted(mut response: Response<Body>, odata: bool) -> Response<Body> {
+    if odata {
+        response
+            .headers_mut()
+            .insert(odata::RESULT, HeaderValue::from_static("accepted"));
+    }
+    response
+}
+
+fn with_expiry(mut response: Response<Body>, expires_at: Millis) -> Response<Body> {
+    if let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(system_time(expires_at))) {
+        response.headers_mut().insert(EXPIRES, value);
+    }
+    response
+}
+
+fn system_time(at: Millis) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(at.max(0) as u64)
+}

@@ -1,0 +1,188 @@
+//! The connection to the protected API: a pooled HTTP/1.1 client, URI rewriting,
+//! hop-by-hop header handling, and the one distinction idempotency depends on — was the
+//! request sent or not?
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::body::Body;
+
+/// How an upstream call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The request never left: the connection could not be made. Retrying is safe.
+    #[error("upstream not reached: {0}")]
+    NotSent(String),
+    /// The request was (or may have been) sent, but no complete answer came back.
+    #[error("upstream answer lost: {0}")]
+    Lost(String),
+}
+
+/// The pooled upstream client.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+    base: Uri,
+    /// The base URI's path without a trailing slash ("" for none), prefixed to every path.
+    prefix: String,
+}
+
+impl Upstream {
+    /// A client for `base` (`http://HOST:PORT[/prefix]`).
+    pub fn new(base: Uri) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        let prefix = base.path().trim_end_matches('/').to_owned();
+        Self {
+            client,
+            base,
+            prefix,
+        }
+    }
+
+    /// The upstream URI for a request URI.
+    pub fn target(&self, uri: &Uri) -> Uri {
+        let path_and_query = uri
+            .path_and_query()
+            .map(PathAndQuery::as_str)
+            .unwrap_or("/");
+        let joined = format!("{}{}", self.prefix, path_and_query);
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = joined.parse().ok();
+        Uri::from_parts(parts).unwrap_or_else(|_| self.base.clone())
+    }
+
+    /// Sends a request whose URI and headers are already prepared.
+    pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+        self.client.request(request).await.map_err(|e| {
+            let detail = error_chain(&e);
+            if e.is_connect() {
+                UpstreamError::NotSent(detail)
+            } else {
+                UpstreamError::Lost(detail)
+            }
+        })
+    }
+
+    /// Rewrites a client's request for the upstream: target URI, `Host`, hop-by-hop
+    /// headers removed, `X-Forwarded-For`/`-Host`/`-Proto` added.
+    pub fn prepare(&self, request: &mut Request<Body>, peer: Option<SocketAddr>) {
+        let original_host = request.headers().get(header::HOST).cloned().or_else(|| {
+            request
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        *request.uri_mut() = self.target(request.uri());
+        *request.version_mut() = http::Version::HTTP_11;
+        let headers = request.headers_mut();
+        strip_hop_by_hop(headers);
+        if let Some(authority) = self
+            .base
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            headers.insert(header::HOST, authority);
+        }
+        if let Some(host) = original_host {
+            headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+        }
+        headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("http"),
+        );
+        if let Some(peer) = peer {
+            let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prior) => format!("{prior}, {}", peer.ip()),
+                None => peer.ip().to_string(),
+            };
+            if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+                headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+            }
+        }
+    }
+}
+
+/// The headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(named.iter()) {
+        headers.remove(name);
+    }
+    headers.remove("proxy-connection");
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_keep_path_and_query_under_the_prefix() {
+        let up = Upstream::new("http://127.0.0.1:9000/api/".parse().unwrap());
+        let t = up.target(&"/v1/orders?x=1".parse().unwrap());
+        assert_eq!(t.to_string(), "http://127.0.0.1:9000/api/v1/orders?x=1");
+        let bare = Upstream::new("http://127.0.0.1:9000".parse().unwrap());
+        assert_eq!(
+            bare.target(&"/a".parse().unwrap()).to_string(),
+            "http://127.0.0.1:9000/a"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, x-secret-hop".parse().unwrap(),
+        );
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert("x-end-to-end", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end-to-end"));
+    }
+}

@@ -1,0 +1,140 @@
+//! Prometheus metrics. The names are a public contract (SPEC §4); labels never carry
+//! keys, bodies or credentials.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::core::Status;
+use crate::store::StatRow;
+
+/// Requests by route and decision.
+pub const REQUESTS: &str = "idem_requests_total";
+/// Executions that recovered a `failed_retryable` record.
+pub const RETRY_RECOVERIES: &str = "idem_retry_recoveries_total";
+/// Requests whose key had expired and executed anew.
+pub const EXPIRED_KEY_RETRIES: &str = "idem_expired_key_retries_total";
+/// Upstream exchange time.
+pub const UPSTREAM_SECONDS: &str = "idem_upstream_seconds";
+/// Store operation time.
+pub const STORE_SECONDS: &str = "idem_store_seconds";
+/// Records by status.
+pub const RECORDS: &str = "idem_records";
+
+/// The `decision` label of [`REQUESTS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Label {
+    /// Forwarded under a fresh claim.
+    Executed,
+    /// Answered from the store.
+    Replayed,
+    /// `422`: the key belongs to another payload.
+    KeyReused,
+    /// `409`: a duplicate while the first is in flight.
+    InFlight,
+    /// `409`: the outcome is unknown.
+    OutcomeUnknown,
+    /// No key on a protected route (`400` when required, passed through otherwise).
+    MissingKey,
+    /// Not a protected request.
+    Passthrough,
+    /// Refused for any other reason (bad key or body, store down, not retained, OData).
+    Rejected,
+}
+
+impl Label {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Label::Executed => "executed",
+            Label::Replayed => "replayed",
+            Label::KeyReused => "key_reused",
+            Label::InFlight => "in_flight",
+            Label::OutcomeUnknown => "outcome_unknown",
+            Label::MissingKey => "missing_key",
+            Label::Passthrough => "passthrough",
+            Label::Rejected => "rejected",
+        }
+    }
+}
+
+/// Installs the process-wide recorder once and returns the handle that renders it.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests embedding several
+            // gateways); the handle still renders this one's view.
+            let _ = metrics::set_global_recorder(recorder);
+            metrics::describe_counter!(REQUESTS, "Requests by route and idempotency decision");
+            metrics::describe_counter!(
+                RETRY_RECOVERIES,
+                "Executions that recovered a failed_retryable record"
+            );
+            metrics::describe_counter!(
+                EXPIRED_KEY_RETRIES,
+                "Requests whose key had expired and executed anew"
+            );
+            metrics::describe_histogram!(
+                UPSTREAM_SECONDS,
+                metrics::Unit::Seconds,
+                "Upstream exchange time"
+            );
+            metrics::describe_histogram!(
+                STORE_SECONDS,
+                metrics::Unit::Seconds,
+                "Store operation time"
+            );
+            metrics::describe_gauge!(RECORDS, "Records in the store by status");
+            handle
+        })
+        .clone()
+}
+
+/// Counts one request.
+pub fn request(route: &str, decision: Label) {
+    metrics::counter!(REQUESTS, "route" => route.to_owned(), "decision" => decision.as_str())
+        .increment(1);
+}
+
+/// Counts a retry recovery.
+pub fn retry_recovery(route: &str) {
+    metrics::counter!(RETRY_RECOVERIES, "route" => route.to_owned()).increment(1);
+}
+
+/// Counts an expired-key retry.
+pub fn expired_key_retry(route: &str) {
+    metrics::counter!(EXPIRED_KEY_RETRIES, "route" => route.to_owned()).increment(1);
+}
+
+/// Records an upstream exchange's duration.
+pub fn upstream_time(route: &str, took: Duration) {
+    metrics::histogram!(UPSTREAM_SECONDS, "route" => route.to_owned()).record(took.as_secs_f64());
+}
+
+/// Records a store operation's duration.
+pub fn store_time(op: &'static str, took: Duration) {
+    metrics::histogram!(STORE_SECONDS, "op" => op).record(took.as_secs_f64());
+}
+
+/// Sets the record gauges from store stats.
+pub fn set_records(stats: &[StatRow]) {
+    for status in Status::ALL {
+        let count: u64 = stats
+            .iter()
+            .filter(|s| s.status == status)
+            .map(|s| s.count)
+            .sum();
+        metrics::gauge!(RECORDS, "status" => status.as_str()).set(count as f64);
+    }
+}

@@ -54,42 +54,24 @@ pub struct AdminError(StatusCode, &'static str, String);
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
         let AdminError(status, kind, detail) = self;
-        let body = json!({ "type": kind, "title": status.canonical_reason(), "status": status.as_u16(), "detail": detail });
-        (
-            status,
-            [(header::CONTENT_TYPE, "application/problem+json")],
-            body.to_string(),
-        )
-            .into_response()
+        let body =
+            json!({ "type": kind, "title": status.canonical_reason(), "status": status.as_u16(), "detail": detail });
+        (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
     }
 }
 
 impl From<store::Error> for AdminError {
     fn from(e: store::Error) -> Self {
         match e {
-            store::Error::NotFound => AdminError(
-                StatusCode::NOT_FOUND,
-                "record-not-found",
-                "No such record.".into(),
-            ),
-            store::Error::NotResolvable(e) => {
-                AdminError(StatusCode::CONFLICT, "record-not-resolvable", e.to_string())
-            }
+            store::Error::NotFound => AdminError(StatusCode::NOT_FOUND, "record-not-found", "No such record.".into()),
+            store::Error::NotResolvable(e) => AdminError(StatusCode::CONFLICT, "record-not-resolvable", e.to_string()),
             e if e.is_retryable() => {
                 tracing::warn!(error = %e, "admin: store unavailable");
-                AdminError(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store-unavailable",
-                    "The store cannot be reached.".into(),
-                )
+                AdminError(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "The store cannot be reached.".into())
             }
             e => {
                 tracing::error!(error = %e, "admin: store error");
-                AdminError(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "store-error",
-                    "The store failed; see the logs.".into(),
-                )
+                AdminError(StatusCode::INTERNAL_SERVER_ERROR, "store-error", "The store failed; see the logs.".into())
             }
         }
     }
@@ -99,12 +81,7 @@ fn bad_request(detail: impl Into<String>) -> AdminError {
     AdminError(StatusCode::BAD_REQUEST, "bad-request", detail.into())
 }
 
-async fn authorize(
-    State(admin): State<Arc<Admin>>,
-    headers: HeaderMap,
-    request: Request,
-    next: Next,
-) -> Response {
+async fn authorize(State(admin): State<Arc<Admin>>, headers: HeaderMap, request: Request, next: Next) -> Response {
     let Some(expected) = &admin.token else {
         return next.run(request).await;
     };
@@ -117,33 +94,21 @@ async fn authorize(
     if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
         next.run(request).await
     } else {
-        let mut response = AdminError(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "A valid bearer token is required.".into(),
-        )
-        .into_response();
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
+        let mut response =
+            AdminError(StatusCode::UNAUTHORIZED, "unauthorized", "A valid bearer token is required.".into())
+                .into_response();
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         response
     }
 }
 
 async fn ready(State(admin): State<Arc<Admin>>) -> Result<&'static str, AdminError> {
-    admin
-        .store
-        .get(&RecordId::new("idem:readyz", "", "probe"))
-        .await?;
+    admin.store.get(&RecordId::new("idem:readyz", "", "probe")).await?;
     Ok("ready\n")
 }
 
 async fn render_metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        admin.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], admin.metrics.render())
 }
 
 /// `GET /v1/records` parameters.
@@ -160,17 +125,11 @@ pub struct ListParams {
 
 impl ListParams {
     fn into_query(self) -> Result<ListQuery, AdminError> {
-        let status = self
-            .status
-            .as_deref()
-            .map(parse_status)
-            .transpose()
-            .map_err(bad_request)?;
+        let status = self.status.as_deref().map(parse_status).transpose().map_err(bad_request)?;
         let cursor = match self.cursor.as_deref() {
-            Some(token) => Some(
-                Cursor::decode(token)
-                    .ok_or_else(|| bad_request("cursor is not one this API returned"))?,
-            ),
+            Some(token) => {
+                Some(Cursor::decode(token).ok_or_else(|| bad_request("cursor is not one this API returned"))?)
+            }
             None => None,
         };
         Ok(ListQuery {
@@ -192,15 +151,10 @@ pub fn parse_status(s: &str) -> Result<Status, String> {
     })
 }
 
-async fn list(
-    State(admin): State<Arc<Admin>>,
-    Query(params): Query<ListParams>,
-) -> Result<Json<Value>, AdminError> {
+async fn list(State(admin): State<Arc<Admin>>, Query(params): Query<ListParams>) -> Result<Json<Value>, AdminError> {
     let page = admin.store.list(&params.into_query()?).await?;
     let records: Vec<Value> = page.records.iter().map(record_json).collect();
-    Ok(Json(
-        json!({ "records": records, "next_cursor": page.next_cursor }),
-    ))
+    Ok(Json(json!({ "records": records, "next_cursor": page.next_cursor })))
 }
 
 /// `?tenant=` on single-record calls; records without a tenant use the empty string.
@@ -216,11 +170,7 @@ async fn show(
     Path((scope, key)): Path<(String, String)>,
     Query(t): Query<TenantParam>,
 ) -> Result<Json<Value>, AdminError> {
-    let record = admin
-        .store
-        .get(&RecordId::new(scope, t.tenant, key))
-        .await?
-        .ok_or(store::Error::NotFound)?;
+    let record = admin.store.get(&RecordId::new(scope, t.tenant, key)).await?.ok_or(store::Error::NotFound)?;
     Ok(Json(record_json(&record)))
 }
 
@@ -244,17 +194,9 @@ async fn resolve(
     Query(t): Query<TenantParam>,
     body: Bytes,
 ) -> Result<Json<Value>, AdminError> {
-    let request: Value =
-        serde_json::from_slice(&body).map_err(|e| bad_request(format!("body is not JSON: {e}")))?;
+    let request: Value = serde_json::from_slice(&body).map_err(|e| bad_request(format!("body is not JSON: {e}")))?;
     let resolution = parse_resolution(&request).map_err(bad_request)?;
-    let record = admin
-        .store
-        .resolve(
-            &RecordId::new(scope, t.tenant, key),
-            resolution,
-            now_millis(),
-        )
-        .await?;
+    let record = admin.store.resolve(&RecordId::new(scope, t.tenant, key), resolution, now_millis()).await?;
     Ok(Json(record_json(&record)))
 }
 
@@ -290,8 +232,7 @@ pub fn parse_resolution(request: &Value) -> Result<Resolution, String> {
                 .get("status")
                 .and_then(Value::as_u64)
                 .filter(|s| (100..=599).contains(s))
-                .ok_or("\"complete\" needs a \"status\" between 100 and 599")?
-                as u16;
+                .ok_or("\"complete\" needs a \"status\" between 100 and 599")? as u16;
             let headers = match request.get("headers") {
                 None | Some(Value::Null) => Vec::new(),
                 Some(Value::Object(map)) => map
@@ -305,20 +246,13 @@ pub fn parse_resolution(request: &Value) -> Result<Resolution, String> {
             };
             let body = match (request.get("body"), request.get("body_base64")) {
                 (_, Some(Value::String(b64))) => Bytes::from(
-                    base64::engine::general_purpose::STANDARD
-                        .decode(b64)
-                        .map_err(|e| format!("body_base64: {e}"))?,
+                    base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| format!("body_base64: {e}"))?,
                 ),
                 (None | Some(Value::Null), _) => Bytes::new(),
                 (Some(Value::String(text)), _) => Bytes::from(text.clone()),
                 (Some(json), _) => Bytes::from(json.to_string()),
             };
-            Ok(Resolution::Complete(StoredResponse {
-                status,
-                headers,
-                body,
-                retained: true,
-            }))
+            Ok(Resolution::Complete(StoredResponse { status, headers, body, retained: true }))
         }
         _ => Err("\"action\" must be \"release\" or \"complete\"".into()),
     }
@@ -334,11 +268,7 @@ pub fn record_json(record: &Record) -> Value {
         });
         match std::str::from_utf8(&r.body) {
             Ok(text) => value["body"] = text.into(),
-            Err(_) => {
-                value["body_base64"] = base64::engine::general_purpose::STANDARD
-                    .encode(&r.body)
-                    .into()
-            }
+            Err(_) => value["body_base64"] = base64::engine::general_purpose::STANDARD.encode(&r.body).into(),
         }
         value
     });

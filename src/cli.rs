@@ -15,12 +15,7 @@ use crate::store::{self, Cursor, ListQuery, Store, now_millis};
 #[derive(Debug, Args)]
 pub struct LogArgs {
     /// Store URL: sqlite://PATH or memory://.
-    #[arg(
-        long,
-        env = "IDEM_STORE",
-        default_value = "sqlite://./idem.db",
-        global = true
-    )]
+    #[arg(long, env = "IDEM_STORE", default_value = "sqlite://./idem.db", global = true)]
     pub store: String,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
@@ -104,34 +99,14 @@ pub async fn run(args: LogArgs) -> anyhow::Result<u8> {
     let store = store::open(&args.store).await?;
     let out = &mut std::io::stdout().lock();
     match args.command {
-        LogCommand::List {
-            scope,
-            tenant,
-            status,
-            key,
-            limit,
-        } => {
-            let status = status
-                .as_deref()
-                .map(parse_status)
-                .transpose()
-                .map_err(anyhow::Error::msg)?;
-            let query = ListQuery {
-                scope,
-                tenant,
-                status,
-                key_prefix: key,
-                limit: limit.unwrap_or(usize::MAX),
-                cursor: None,
-            };
+        LogCommand::List { scope, tenant, status, key, limit } => {
+            let status = status.as_deref().map(parse_status).transpose().map_err(anyhow::Error::msg)?;
+            let query =
+                ListQuery { scope, tenant, status, key_prefix: key, limit: limit.unwrap_or(usize::MAX), cursor: None };
             let records = list_all(store.as_ref(), query).await?;
             if args.json {
                 let values: Vec<Value> = records.iter().map(record_json).collect();
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&json!({ "records": values }))?
-                )?;
+                writeln!(out, "{}", serde_json::to_string_pretty(&json!({ "records": values }))?)?;
             } else {
                 print_table(out, &records)?;
             }
@@ -148,25 +123,14 @@ pub async fn run(args: LogArgs) -> anyhow::Result<u8> {
                 eprintln!("no record {}", record.id());
                 return Ok(1);
             }
-            writeln!(
-                out,
-                "deleted {}: the next request with this key executes",
-                record.id()
-            )?;
+            writeln!(out, "deleted {}: the next request with this key executes", record.id())?;
         }
-        LogCommand::Resolve {
-            record,
-            action,
-            status,
-            headers,
-            body,
-        } => {
+        LogCommand::Resolve { record, action, status, headers, body } => {
             let mut request = json!({ "action": action, "status": status, "body": body });
             let mut header_map = serde_json::Map::new();
             for header in headers {
-                let (name, value) = header
-                    .split_once(':')
-                    .with_context(|| format!("--header {header:?}: write \"Name: value\""))?;
+                let (name, value) =
+                    header.split_once(':').with_context(|| format!("--header {header:?}: write \"Name: value\""))?;
                 header_map.insert(name.trim().to_owned(), value.trim().into());
             }
             request["headers"] = Value::Object(header_map);
@@ -193,10 +157,8 @@ pub async fn run(args: LogArgs) -> anyhow::Result<u8> {
             if args.json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&stats_json(&rows))?)?;
             } else {
-                let table: Vec<Vec<String>> = rows
-                    .iter()
-                    .map(|r| vec![r.scope.clone(), r.status.to_string(), r.count.to_string()])
-                    .collect();
+                let table: Vec<Vec<String>> =
+                    rows.iter().map(|r| vec![r.scope.clone(), r.status.to_string(), r.count.to_string()]).collect();
                 write_table(out, &["SCOPE", "STATUS", "COUNT"], &table)?;
             }
         }
@@ -224,9 +186,7 @@ fn print_record(out: &mut impl Write, record: &Record, as_json: bool) -> anyhow:
         writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
-    let Value::Object(fields) = value else {
-        bail!("a record is an object")
-    };
+    let Value::Object(fields) = value else { bail!("a record is an object") };
     for (name, field) in fields {
         let text = match field {
             Value::Null => "-".to_owned(),
@@ -244,16 +204,10 @@ fn print_table(out: &mut impl Write, records: &[Record]) -> anyhow::Result<()> {
         .map(|r| {
             vec![
                 r.id.scope.clone(),
-                if r.id.tenant.is_empty() {
-                    "-".into()
-                } else {
-                    r.id.tenant.clone()
-                },
+                if r.id.tenant.is_empty() { "-".into() } else { r.id.tenant.clone() },
                 r.id.key.clone(),
                 r.status.to_string(),
-                r.response
-                    .as_ref()
-                    .map_or("-".into(), |resp| resp.status.to_string()),
+                r.response.as_ref().map_or("-".into(), |resp| resp.status.to_string()),
                 r.replay_count.to_string(),
                 r.attempt_count.to_string(),
                 rfc3339(r.created_at),
@@ -261,9 +215,7 @@ fn print_table(out: &mut impl Write, records: &[Record]) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    let header = [
-        "SCOPE", "TENANT", "KEY", "STATUS", "ANSWER", "REPLAYS", "ATTEMPTS", "CREATED", "EXPIRES",
-    ];
+    let header = ["SCOPE", "TENANT", "KEY", "STATUS", "ANSWER", "REPLAYS", "ATTEMPTS", "CREATED", "EXPIRES"];
     write_table(out, &header, &rows)?;
     if records.is_empty() {
         writeln!(out, "(no records)")?;
@@ -279,11 +231,7 @@ fn write_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> s
         }
     }
     let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         padded.join("  ").trim_end().to_owned()
     };
     writeln!(out, "{}", line(header.to_vec()))?;

@@ -37,9 +37,7 @@ pub async fn serve(listener: TcpListener) {
         let calls = calls.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| handle(calls.clone(), request));
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
@@ -59,17 +57,11 @@ impl std::error::Error for Dropped {}
 fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     response
 }
 
-async fn handle(
-    calls: Arc<Mutex<Calls>>,
-    request: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Dropped> {
+async fn handle(calls: Arc<Mutex<Calls>>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Dropped> {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
     let lock = || calls.lock().unwrap_or_else(|p| p.into_inner());
@@ -87,24 +79,13 @@ async fn handle(
         }
         _ => {}
     }
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let header = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     if let Some(delay) = header("x-demo-delay").and_then(|d| humantime::parse_duration(&d).ok()) {
         tokio::time::sleep(delay.min(Duration::from_secs(600))).await;
     }
-    let key = header("idempotency-key")
-        .or_else(|| header("repeatability-request-id"))
-        .or_else(|| header("x-request-id"));
+    let key =
+        header("idempotency-key").or_else(|| header("repeatability-request-id")).or_else(|| header("x-request-id"));
     let call = {
         let mut c = lock();
         c.total += 1;
@@ -120,16 +101,9 @@ async fn handle(
     let status = header("x-demo-status")
         .and_then(|s| s.parse::<u16>().ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(if parts.method == Method::POST {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        });
+        .unwrap_or(if parts.method == Method::POST { StatusCode::CREATED } else { StatusCode::OK });
     let echo: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let size = header("x-demo-size")
-        .and_then(|s| s.parse::<usize>().ok())
-        .unwrap_or(0)
-        .min(64 << 20);
+    let size = header("x-demo-size").and_then(|s| s.parse::<usize>().ok()).unwrap_or(0).min(64 << 20);
     let answer = json!({
         "id": format!("demo_{call}"),
         "call": call,
@@ -142,10 +116,7 @@ async fn handle(
     let mut response = json_response(status, &answer);
     let headers = response.headers_mut();
     headers.insert("x-demo-call", header::HeaderValue::from(call));
-    headers.insert(
-        header::SET_COOKIE,
-        header::HeaderValue::from_static("demo_session=abc; Path=/"),
-    );
+    headers.insert(header::SET_COOKIE, header::HeaderValue::from_static("demo_session=abc; Path=/"));
     if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     }

@@ -12,11 +12,7 @@ use idem::cli::LogArgs;
 use idem::gateway::config::{self, Overrides, RawConfig};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "idem",
-    version,
-    about = "Makes retries safe: every intended action executes once"
-)]
+#[command(name = "idem", version, about = "Makes retries safe: every intended action executes once")]
 struct Cli {
     /// Log filter (e.g. info, debug, idem=debug).
     #[arg(long, env = "IDEM_LOG", default_value = "info", global = true)]
@@ -67,10 +63,7 @@ struct GatewayArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("idem: cannot start the async runtime: {e}");
@@ -88,10 +81,7 @@ fn main() -> ExitCode {
                 Ok(listener) => {
                     println!(
                         "idem demo upstream listening on http://{}",
-                        listener
-                            .local_addr()
-                            .map(|a| a.to_string())
-                            .unwrap_or(listen)
+                        listener.local_addr().map(|a| a.to_string()).unwrap_or(listen)
                     );
                     tokio::select! {
                         () = idem::demo::serve(listener) => {}
@@ -119,12 +109,8 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         },
         None => RawConfig::default(),
     };
-    let overrides = Overrides {
-        listen: args.listen,
-        upstream: args.upstream,
-        store: args.store,
-        admin_listen: args.admin_listen,
-    };
+    let overrides =
+        Overrides { listen: args.listen, upstream: args.upstream, store: args.store, admin_listen: args.admin_listen };
     let config = match raw.validate(&overrides, &|name| std::env::var(name).ok()) {
         Ok(config) => config,
         Err(e) => {
@@ -135,9 +121,7 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
     let demo = args.demo;
     let upstream = config.upstream.clone();
     let ready = move |listen: std::net::SocketAddr, admin: std::net::SocketAddr| {
-        println!(
-            "idem gateway listening on http://{listen} (admin http://{admin}), forwarding to {upstream}"
-        );
+        println!("idem gateway listening on http://{listen} (admin http://{admin}), forwarding to {upstream}");
         if demo {
             println!("demo upstream: {upstream} — try it:");
             println!(
@@ -157,12 +141,9 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
 /// Bad store URLs are bad input (2); everything else is a runtime failure (1).
 fn failure(e: &anyhow::Error) -> ExitCode {
     eprintln!("idem: {e:#}");
-    let bad_input = e.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<idem::store::Error>(),
-            Some(idem::store::Error::BadUrl { .. })
-        )
-    });
+    let bad_input = e
+        .chain()
+        .any(|cause| matches!(cause.downcast_ref::<idem::store::Error>(), Some(idem::store::Error::BadUrl { .. })));
     ExitCode::from(if bad_input { 2 } else { 1 })
 }
 
@@ -182,8 +163,8 @@ async fn shutdown_signal() {
 }
 
 fn init_logging(filter: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

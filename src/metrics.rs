@@ -64,10 +64,7 @@ pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let buckets = [
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0,
-            ];
+            let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
                 .unwrap_or_else(|_| PrometheusBuilder::new());
@@ -77,24 +74,10 @@ pub fn install() -> PrometheusHandle {
             // gateways); the handle still renders this one's view.
             let _ = metrics::set_global_recorder(recorder);
             metrics::describe_counter!(REQUESTS, "Requests by route and idempotency decision");
-            metrics::describe_counter!(
-                RETRY_RECOVERIES,
-                "Executions that recovered a failed_retryable record"
-            );
-            metrics::describe_counter!(
-                EXPIRED_KEY_RETRIES,
-                "Requests whose key had expired and executed anew"
-            );
-            metrics::describe_histogram!(
-                UPSTREAM_SECONDS,
-                metrics::Unit::Seconds,
-                "Upstream exchange time"
-            );
-            metrics::describe_histogram!(
-                STORE_SECONDS,
-                metrics::Unit::Seconds,
-                "Store operation time"
-            );
+            metrics::describe_counter!(RETRY_RECOVERIES, "Executions that recovered a failed_retryable record");
+            metrics::describe_counter!(EXPIRED_KEY_RETRIES, "Requests whose key had expired and executed anew");
+            metrics::describe_histogram!(UPSTREAM_SECONDS, metrics::Unit::Seconds, "Upstream exchange time");
+            metrics::describe_histogram!(STORE_SECONDS, metrics::Unit::Seconds, "Store operation time");
             metrics::describe_gauge!(RECORDS, "Records in the store by status");
             handle
         })
@@ -103,8 +86,7 @@ pub fn install() -> PrometheusHandle {
 
 /// Counts one request.
 pub fn request(route: &str, decision: Label) {
-    metrics::counter!(REQUESTS, "route" => route.to_owned(), "decision" => decision.as_str())
-        .increment(1);
+    metrics::counter!(REQUESTS, "route" => route.to_owned(), "decision" => decision.as_str()).increment(1);
 }
 
 /// Counts a retry recovery.
@@ -130,11 +112,7 @@ pub fn store_time(op: &'static str, took: Duration) {
 /// Sets the record gauges from store stats.
 pub fn set_records(stats: &[StatRow]) {
     for status in Status::ALL {
-        let count: u64 = stats
-            .iter()
-            .filter(|s| s.status == status)
-            .map(|s| s.count)
-            .sum();
+        let count: u64 = stats.iter().filter(|s| s.status == status).map(|s| s.count).sum();
         metrics::gauge!(RECORDS, "status" => status.as_str()).set(count as f64);
     }
 }

@@ -107,33 +107,26 @@ pub enum Transition {
 
 /// The record a decision leaves behind. `token` is the fresh lease token the store
 /// generated for the caller; it is used only when the decision executes.
-pub fn transition(
-    decision: Decision,
-    existing: Option<&Record>,
-    intent: &Intent,
-    token: LeaseToken,
-) -> Transition {
+pub fn transition(decision: Decision, existing: Option<&Record>, intent: &Intent, token: LeaseToken) -> Transition {
     let now = intent.now;
-    let lease = Some(Lease {
-        token,
-        locked_until: now + intent.lease_ms,
-    });
+    let lease = Some(Lease { token, locked_until: now + intent.lease_ms });
     match (decision, existing) {
-        (Decision::Execute(ExecuteReason::New | ExecuteReason::Expired), _)
-        | (Decision::Execute(_), None) => Transition::Write(Record {
-            id: intent.id.clone(),
-            fingerprint: intent.fingerprint,
-            status: Status::InProgress,
-            lease,
-            response: None,
-            created_at: now,
-            last_seen_at: now,
-            expires_at: now + intent.ttl_ms,
-            replay_count: 0,
-            attempt_count: 1,
-            correlation_id: intent.correlation_id.clone(),
-            error_summary: None,
-        }),
+        (Decision::Execute(ExecuteReason::New | ExecuteReason::Expired), _) | (Decision::Execute(_), None) => {
+            Transition::Write(Record {
+                id: intent.id.clone(),
+                fingerprint: intent.fingerprint,
+                status: Status::InProgress,
+                lease,
+                response: None,
+                created_at: now,
+                last_seen_at: now,
+                expires_at: now + intent.ttl_ms,
+                replay_count: 0,
+                attempt_count: 1,
+                correlation_id: intent.correlation_id.clone(),
+                error_summary: None,
+            })
+        }
         (Decision::Execute(_), Some(record)) => Transition::Write(Record {
             status: Status::InProgress,
             lease,
@@ -144,22 +137,16 @@ pub fn transition(
             correlation_id: intent.correlation_id.clone(),
             ..record.clone()
         }),
-        (Decision::Replay | Decision::NotRetained, Some(record)) => Transition::Touch(Record {
-            replay_count: record.replay_count + 1,
+        (Decision::Replay | Decision::NotRetained, Some(record)) => {
+            Transition::Touch(Record { replay_count: record.replay_count + 1, last_seen_at: now, ..record.clone() })
+        }
+        (Decision::OutcomeUnknown, Some(record)) if record.status == Status::InProgress => Transition::Write(Record {
+            status: Status::OutcomeUnknown,
+            lease: None,
             last_seen_at: now,
+            error_summary: Some("lease expired: the owner stopped before recording an answer".into()),
             ..record.clone()
         }),
-        (Decision::OutcomeUnknown, Some(record)) if record.status == Status::InProgress => {
-            Transition::Write(Record {
-                status: Status::OutcomeUnknown,
-                lease: None,
-                last_seen_at: now,
-                error_summary: Some(
-                    "lease expired: the owner stopped before recording an answer".into(),
-                ),
-                ..record.clone()
-            })
-        }
         _ => Transition::None,
     }
 }
@@ -192,11 +179,7 @@ pub enum Resolution {
 pub struct NotResolvable(pub Status);
 
 /// Applies an operator's resolution: the pure half of `Store::resolve`.
-pub fn resolve(
-    record: &Record,
-    resolution: Resolution,
-    now: Millis,
-) -> Result<Record, NotResolvable> {
+pub fn resolve(record: &Record, resolution: Resolution, now: Millis) -> Result<Record, NotResolvable> {
     let settleable = match record.status {
         Status::OutcomeUnknown | Status::NeedsReview => true,
         Status::InProgress => !record.lease_alive(now),
@@ -207,9 +190,7 @@ pub fn resolve(
     }
     let mut settled = record.clone();
     let outcome = match resolution {
-        Resolution::Release => Outcome::Retryable {
-            error: "released by an operator".into(),
-        },
+        Resolution::Release => Outcome::Retryable { error: "released by an operator".into() },
         Resolution::Complete(response) => Outcome::Completed(response),
     };
     outcome.apply(&mut settled, now);
@@ -237,13 +218,7 @@ mod tests {
         }
     }
 
-    fn record(
-        status: Status,
-        fp: u8,
-        expires_in: i64,
-        lease_in: Option<i64>,
-        retained: bool,
-    ) -> Record {
+    fn record(status: Status, fp: u8, expires_in: i64, lease_in: Option<i64>, retained: bool) -> Record {
         let response = (status == Status::Completed).then(|| StoredResponse {
             status: 201,
             headers: vec![],
@@ -254,10 +229,7 @@ mod tests {
             id: RecordId::new("orders", "t1", "k1"),
             fingerprint: Fingerprint([fp; 32]),
             status,
-            lease: lease_in.map(|d| Lease {
-                token: 7,
-                locked_until: NOW + d,
-            }),
+            lease: lease_in.map(|d| Lease { token: 7, locked_until: NOW + d }),
             response,
             created_at: NOW - 10,
             last_seen_at: NOW - 10,
@@ -335,22 +307,14 @@ mod tests {
 
     #[test]
     fn nothing_stored_executes() {
-        assert_eq!(
-            decide(None, &intent(1), ClaimPolicy::default()),
-            Decision::Execute(ExecuteReason::New)
-        );
+        assert_eq!(decide(None, &intent(1), ClaimPolicy::default()), Decision::Execute(ExecuteReason::New));
     }
 
     #[test]
     fn completed_same_fingerprint_replays() {
         let existing = record(Status::Completed, 1, 1_000, None, true);
-        assert_eq!(
-            decide(Some(&existing), &intent(1), ClaimPolicy::default()),
-            Decision::Replay
-        );
-        let Transition::Touch(touched) =
-            transition(Decision::Replay, Some(&existing), &intent(1), 0)
-        else {
+        assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::Replay);
+        let Transition::Touch(touched) = transition(Decision::Replay, Some(&existing), &intent(1), 0) else {
             panic!("a replay only touches the record");
         };
         assert_eq!(touched.replay_count, 1);
@@ -360,28 +324,19 @@ mod tests {
     #[test]
     fn completed_but_not_retained_is_gone() {
         let existing = record(Status::Completed, 1, 1_000, None, false);
-        assert_eq!(
-            decide(Some(&existing), &intent(1), ClaimPolicy::default()),
-            Decision::NotRetained
-        );
+        assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::NotRetained);
     }
 
     #[test]
     fn live_lease_is_in_flight() {
         let existing = record(Status::InProgress, 1, 1_000, Some(500), true);
-        assert_eq!(
-            decide(Some(&existing), &intent(1), ClaimPolicy::default()),
-            Decision::InFlight
-        );
+        assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::InFlight);
     }
 
     #[test]
     fn live_lease_outlives_ttl() {
         let existing = record(Status::InProgress, 1, -1, Some(500), true);
-        assert_eq!(
-            decide(Some(&existing), &intent(1), ClaimPolicy::default()),
-            Decision::InFlight
-        );
+        assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::InFlight);
     }
 
     #[test]
@@ -399,21 +354,10 @@ mod tests {
     #[test]
     fn unknown_stays_unknown_unless_policy_retries() {
         let existing = record(Status::OutcomeUnknown, 1, 1_000, None, true);
-        assert_eq!(
-            decide(Some(&existing), &intent(1), ClaimPolicy::default()),
-            Decision::OutcomeUnknown
-        );
-        assert_eq!(
-            transition(Decision::OutcomeUnknown, Some(&existing), &intent(1), 0),
-            Transition::None
-        );
-        let retry = ClaimPolicy {
-            on_unknown: OnUnknown::Retry,
-        };
-        assert_eq!(
-            decide(Some(&existing), &intent(1), retry),
-            Decision::Execute(ExecuteReason::UnknownRetry)
-        );
+        assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::OutcomeUnknown);
+        assert_eq!(transition(Decision::OutcomeUnknown, Some(&existing), &intent(1), 0), Transition::None);
+        let retry = ClaimPolicy { on_unknown: OnUnknown::Retry };
+        assert_eq!(decide(Some(&existing), &intent(1), retry), Decision::Execute(ExecuteReason::UnknownRetry));
     }
 
     #[test]
@@ -431,9 +375,6 @@ mod tests {
     #[test]
     fn needs_review_blocks() {
         let existing = record(Status::NeedsReview, 1, 1_000, None, true);
-        assert_eq!(
-            decide(Some(&existing), &intent(1), ClaimPolicy::default()),
-            Decision::NeedsReview
-        );
+        assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::NeedsReview);
     }
 }

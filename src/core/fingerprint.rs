@@ -44,8 +44,7 @@ impl Serialize for Fingerprint {
 impl<'de> Deserialize<'de> for Fingerprint {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Fingerprint::from_hex(&s)
-            .ok_or_else(|| serde::de::Error::custom("a fingerprint is 64 hex characters"))
+        Fingerprint::from_hex(&s).ok_or_else(|| serde::de::Error::custom("a fingerprint is 64 hex characters"))
     }
 }
 
@@ -62,11 +61,7 @@ pub struct FingerprintSpec {
 
 impl Default for FingerprintSpec {
     fn default() -> Self {
-        Self {
-            headers: vec!["content-type".into()],
-            include: vec![],
-            exclude: vec![],
-        }
+        Self { headers: vec!["content-type".into()], include: vec![], exclude: vec![] }
     }
 }
 
@@ -108,12 +103,7 @@ pub fn fingerprint<'h>(
     hash.part(b"idem-fingerprint-v1");
     hash.part(request.method.as_bytes());
     hash.part(request.path.as_bytes());
-    let mut query: Vec<&str> = request
-        .query
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .collect();
+    let mut query: Vec<&str> = request.query.unwrap_or("").split('&').filter(|p| !p.is_empty()).collect();
     query.sort_unstable();
     hash.count(query.len());
     for pair in query {
@@ -133,19 +123,8 @@ pub fn fingerprint<'h>(
 }
 
 /// Feeds the canonical body into the hash and says which form it took.
-fn canonical_body(
-    spec: &FingerprintSpec,
-    content_type: Option<&str>,
-    body: &[u8],
-    hash: &mut Framed,
-) -> BodyForm {
-    let media = content_type.map(|ct| {
-        ct.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
-    });
+fn canonical_body(spec: &FingerprintSpec, content_type: Option<&str>, body: &[u8], hash: &mut Framed) -> BodyForm {
+    let media = content_type.map(|ct| ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
     let media = media.as_deref().unwrap_or("");
     if media == "application/json" || media.ends_with("+json") {
         if let Some(canonical) = canonical_json(spec, body) {
@@ -154,8 +133,7 @@ fn canonical_body(
             return BodyForm::Json;
         }
     } else if media == "application/x-www-form-urlencoded" {
-        let mut pairs: Vec<(String, String)> =
-            url::form_urlencoded::parse(body).into_owned().collect();
+        let mut pairs: Vec<(String, String)> = url::form_urlencoded::parse(body).into_owned().collect();
         pairs.sort_unstable();
         hash.part(b"form");
         hash.count(pairs.len());
@@ -179,11 +157,8 @@ pub fn canonical_json(spec: &FingerprintSpec, body: &[u8]) -> Option<Vec<u8>> {
         remove_pointer(&mut value, pointer);
     }
     if !spec.include.is_empty() {
-        let kept: serde_json::Map<String, Value> = spec
-            .include
-            .iter()
-            .filter_map(|p| value.pointer(p).map(|v| (p.clone(), v.clone())))
-            .collect();
+        let kept: serde_json::Map<String, Value> =
+            spec.include.iter().filter_map(|p| value.pointer(p).map(|v| (p.clone(), v.clone()))).collect();
         value = Value::Object(kept);
     }
     serde_jcs::to_vec(&value).ok()
@@ -228,35 +203,17 @@ mod tests {
     use super::*;
 
     fn fp(spec: &FingerprintSpec, ct: Option<&str>, body: &[u8]) -> (Fingerprint, BodyForm) {
-        let view = RequestView {
-            method: "POST",
-            path: "/v1/orders",
-            query: None,
-            content_type: ct,
-            body,
-        };
+        let view = RequestView { method: "POST", path: "/v1/orders", query: None, content_type: ct, body };
         fingerprint(spec, view, |name| {
-            if name == "content-type" {
-                ct.map(|c| vec![c.as_bytes()]).unwrap_or_default()
-            } else {
-                vec![]
-            }
+            if name == "content-type" { ct.map(|c| vec![c.as_bytes()]).unwrap_or_default() } else { vec![] }
         })
     }
 
     #[test]
     fn json_key_order_and_whitespace_do_not_matter() {
         let spec = FingerprintSpec::default();
-        let a = fp(
-            &spec,
-            Some("application/json"),
-            br#"{"b":1,"a":[1,2,{"y":true,"x":null}]}"#,
-        );
-        let b = fp(
-            &spec,
-            Some("application/json"),
-            b"{ \"a\": [1, 2, {\"x\": null, \"y\": true}],\n \"b\": 1.0 }",
-        );
+        let a = fp(&spec, Some("application/json"), br#"{"b":1,"a":[1,2,{"y":true,"x":null}]}"#);
+        let b = fp(&spec, Some("application/json"), b"{ \"a\": [1, 2, {\"x\": null, \"y\": true}],\n \"b\": 1.0 }");
         assert_eq!(a, b);
         assert_eq!(a.1, BodyForm::Json);
     }
@@ -273,45 +230,23 @@ mod tests {
 
     #[test]
     fn excluded_fields_do_not_break_retries() {
-        let spec = FingerprintSpec {
-            exclude: vec!["/client_sent_at".into(), "/items/0/ts".into()],
-            ..Default::default()
-        };
-        let a = fp(
-            &spec,
-            Some("application/json"),
-            br#"{"order":1,"client_sent_at":"10:00","items":[{"ts":1,"q":2}]}"#,
-        );
-        let b = fp(
-            &spec,
-            Some("application/json"),
-            br#"{"order":1,"client_sent_at":"10:05","items":[{"ts":9,"q":2}]}"#,
-        );
-        let c = fp(
-            &spec,
-            Some("application/json"),
-            br#"{"order":2,"client_sent_at":"10:05","items":[{"ts":9,"q":2}]}"#,
-        );
+        let spec =
+            FingerprintSpec { exclude: vec!["/client_sent_at".into(), "/items/0/ts".into()], ..Default::default() };
+        let a =
+            fp(&spec, Some("application/json"), br#"{"order":1,"client_sent_at":"10:00","items":[{"ts":1,"q":2}]}"#);
+        let b =
+            fp(&spec, Some("application/json"), br#"{"order":1,"client_sent_at":"10:05","items":[{"ts":9,"q":2}]}"#);
+        let c =
+            fp(&spec, Some("application/json"), br#"{"order":2,"client_sent_at":"10:05","items":[{"ts":9,"q":2}]}"#);
         assert_eq!(a, b);
         assert_ne!(a, c);
     }
 
     #[test]
     fn include_keeps_only_named_fields() {
-        let spec = FingerprintSpec {
-            include: vec!["/order_id".into()],
-            ..Default::default()
-        };
-        let a = fp(
-            &spec,
-            Some("application/json"),
-            br#"{"order_id":7,"note":"a"}"#,
-        );
-        let b = fp(
-            &spec,
-            Some("application/json"),
-            br#"{"order_id":7,"note":"b"}"#,
-        );
+        let spec = FingerprintSpec { include: vec!["/order_id".into()], ..Default::default() };
+        let a = fp(&spec, Some("application/json"), br#"{"order_id":7,"note":"a"}"#);
+        let b = fp(&spec, Some("application/json"), br#"{"order_id":7,"note":"b"}"#);
         assert_eq!(a, b);
     }
 
@@ -319,10 +254,7 @@ mod tests {
     fn form_pairs_are_sorted_and_decoded() {
         let spec = FingerprintSpec::default();
         let ct = Some("application/x-www-form-urlencoded");
-        assert_eq!(
-            fp(&spec, ct, b"b=2&a=hello+world"),
-            fp(&spec, ct, b"a=hello%20world&b=2")
-        );
+        assert_eq!(fp(&spec, ct, b"b=2&a=hello+world"), fp(&spec, ct, b"a=hello%20world&b=2"));
         assert_ne!(fp(&spec, ct, b"a=1&b=2"), fp(&spec, ct, b"a=1&b=3"));
     }
 
@@ -339,43 +271,12 @@ mod tests {
     #[test]
     fn method_path_query_and_headers_count() {
         let spec = FingerprintSpec::default();
-        let base = RequestView {
-            method: "POST",
-            path: "/a",
-            query: Some("x=1&y=2"),
-            content_type: None,
-            body: b"",
-        };
+        let base = RequestView { method: "POST", path: "/a", query: Some("x=1&y=2"), content_type: None, body: b"" };
         let none = |_: &str| Vec::<&[u8]>::new();
         let one = fingerprint(&spec, base, none).0;
-        assert_eq!(
-            one,
-            fingerprint(
-                &spec,
-                RequestView {
-                    query: Some("y=2&x=1"),
-                    ..base
-                },
-                none
-            )
-            .0
-        );
-        assert_ne!(
-            one,
-            fingerprint(
-                &spec,
-                RequestView {
-                    method: "PATCH",
-                    ..base
-                },
-                none
-            )
-            .0
-        );
-        assert_ne!(
-            one,
-            fingerprint(&spec, RequestView { path: "/b", ..base }, none).0
-        );
+        assert_eq!(one, fingerprint(&spec, RequestView { query: Some("y=2&x=1"), ..base }, none).0);
+        assert_ne!(one, fingerprint(&spec, RequestView { method: "PATCH", ..base }, none).0);
+        assert_ne!(one, fingerprint(&spec, RequestView { path: "/b", ..base }, none).0);
         let typed = fingerprint(&spec, base, |_| vec![b"text/plain".as_slice()]).0;
         assert_ne!(one, typed);
     }

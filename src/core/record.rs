@@ -27,26 +27,14 @@ pub struct RecordId {
 
 impl RecordId {
     /// Builds an id from its three parts.
-    pub fn new(
-        scope: impl Into<String>,
-        tenant: impl Into<String>,
-        key: impl Into<String>,
-    ) -> Self {
-        Self {
-            scope: scope.into(),
-            tenant: tenant.into(),
-            key: key.into(),
-        }
+    pub fn new(scope: impl Into<String>, tenant: impl Into<String>, key: impl Into<String>) -> Self {
+        Self { scope: scope.into(), tenant: tenant.into(), key: key.into() }
     }
 }
 
 impl fmt::Display for RecordId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let tenant = if self.tenant.is_empty() {
-            "-"
-        } else {
-            &self.tenant
-        };
+        let tenant = if self.tenant.is_empty() { "-" } else { &self.tenant };
         write!(f, "{}/{}/{}", self.scope, tenant, self.key)
     }
 }
@@ -69,13 +57,8 @@ pub enum Status {
 
 impl Status {
     /// Every status, in the order tables and metrics list them.
-    pub const ALL: [Status; 5] = [
-        Status::InProgress,
-        Status::Completed,
-        Status::FailedRetryable,
-        Status::OutcomeUnknown,
-        Status::NeedsReview,
-    ];
+    pub const ALL: [Status; 5] =
+        [Status::InProgress, Status::Completed, Status::FailedRetryable, Status::OutcomeUnknown, Status::NeedsReview];
 
     /// The stable snake_case name used in the store, the admin API and metrics.
     pub fn as_str(self) -> &'static str {
@@ -228,9 +211,7 @@ impl Outcome {
                 record.response = Some(response);
                 record.error_summary = None;
             }
-            Outcome::Retryable { error }
-            | Outcome::Unknown { error }
-            | Outcome::NeedsReview { error } => {
+            Outcome::Retryable { error } | Outcome::Unknown { error } | Outcome::NeedsReview { error } => {
                 record.response = None;
                 record.error_summary = Some(error);
             }

@@ -11,9 +11,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Parses a size such as `1MiB`, `512KiB`, `10MB` or a plain number of bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let text = s.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let unit_bytes: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -24,18 +22,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "gb" => 1_000_000_000,
         "gib" | "g" => 1 << 30,
         _ => {
-            return Err(format!(
-                "invalid size {s:?}; write e.g. \"1MiB\", \"64KiB\" or a number of bytes"
-            ));
+            return Err(format!("invalid size {s:?}; write e.g. \"1MiB\", \"64KiB\" or a number of bytes"));
         }
     };
     digits
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(unit_bytes))
-        .ok_or_else(|| {
-            format!("invalid size {s:?}; write e.g. \"1MiB\", \"64KiB\" or a number of bytes")
-        })
+        .ok_or_else(|| format!("invalid size {s:?}; write e.g. \"1MiB\", \"64KiB\" or a number of bytes"))
 }
 
 /// A duration in whole milliseconds, saturating.

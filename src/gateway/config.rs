@@ -236,25 +236,14 @@ pub fn parse_toml(text: &str) -> Result<RawConfig, String> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = inner.message().to_owned();
-        let position = inner
-            .span()
-            .map(|span| line_of(text, span.start))
-            .map(|l| format!(" (line {l})"))
-            .unwrap_or_default();
-        if path == "." {
-            format!("{message}{position}")
-        } else {
-            format!("{path}: {message}{position}")
-        }
+        let position =
+            inner.span().map(|span| line_of(text, span.start)).map(|l| format!(" (line {l})")).unwrap_or_default();
+        if path == "." { format!("{message}{position}") } else { format!("{path}: {message}{position}") }
     })
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())]
-        .bytes()
-        .filter(|b| *b == b'\n')
-        .count()
-        + 1
+    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
 }
 
 /// Collects problems while validating, so all of them are reported at once.
@@ -268,21 +257,17 @@ impl Problems {
 }
 
 fn socket_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|_| {
-        format!("invalid address {s:?}; write HOST:PORT with an IP, e.g. \"127.0.0.1:8080\"")
-    })
+    s.parse().map_err(|_| format!("invalid address {s:?}; write HOST:PORT with an IP, e.g. \"127.0.0.1:8080\""))
 }
 
 fn upstream_uri(s: &str) -> Result<Uri, String> {
     let uri: Uri = s.parse().map_err(|e| format!("invalid URL {s:?}: {e}"))?;
     match (uri.scheme_str(), uri.authority()) {
         (Some("http"), Some(_)) => Ok(uri),
-        (Some(other), Some(_)) => Err(format!(
-            "scheme {other:?} is not supported; the upstream must be http://HOST:PORT"
-        )),
-        _ => Err(format!(
-            "invalid URL {s:?}; write e.g. \"http://127.0.0.1:9000\""
-        )),
+        (Some(other), Some(_)) => {
+            Err(format!("scheme {other:?} is not supported; the upstream must be http://HOST:PORT"))
+        }
+        _ => Err(format!("invalid URL {s:?}; write e.g. \"http://127.0.0.1:9000\"")),
     }
 }
 
@@ -294,9 +279,7 @@ fn pointer(s: &str) -> Result<String, String> {
     if s.is_empty() || s.starts_with('/') {
         Ok(s.to_owned())
     } else {
-        Err(format!(
-            "invalid JSON pointer {s:?}; it must start with '/', e.g. \"/order_id\""
-        ))
+        Err(format!("invalid JSON pointer {s:?}; it must start with '/', e.g. \"/order_id\""))
     }
 }
 
@@ -306,40 +289,18 @@ fn pointers(list: Vec<String>) -> Result<Vec<String>, String> {
 
 impl RawConfig {
     /// Validates the tree (after overrides) into a [`Config`].
-    pub fn validate(
-        self,
-        overrides: &Overrides,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+    pub fn validate(self, overrides: &Overrides, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let mut p = Problems::default();
         let text = |flag: &Option<String>, file: Option<String>, default: &str| {
             flag.clone().or(file).unwrap_or_else(|| default.to_owned())
         };
-        let listen = p.check(
-            "listen",
-            socket_addr(&text(&overrides.listen, self.listen, "127.0.0.1:8080")),
-        );
-        let upstream = p.check(
-            "upstream",
-            upstream_uri(&text(
-                &overrides.upstream,
-                self.upstream,
-                "http://127.0.0.1:9000",
-            )),
-        );
+        let listen = p.check("listen", socket_addr(&text(&overrides.listen, self.listen, "127.0.0.1:8080")));
+        let upstream =
+            p.check("upstream", upstream_uri(&text(&overrides.upstream, self.upstream, "http://127.0.0.1:9000")));
         let store = text(&overrides.store, self.store, "sqlite://./idem.db");
-        let admin_listen = p.check(
-            "admin.listen",
-            socket_addr(&text(
-                &overrides.admin_listen,
-                self.admin.listen,
-                "127.0.0.1:8081",
-            )),
-        );
-        let token_env = self
-            .admin
-            .token_env
-            .unwrap_or_else(|| "IDEM_ADMIN_TOKEN".into());
+        let admin_listen =
+            p.check("admin.listen", socket_addr(&text(&overrides.admin_listen, self.admin.listen, "127.0.0.1:8081")));
+        let token_env = self.admin.token_env.unwrap_or_else(|| "IDEM_ADMIN_TOKEN".into());
         let token = env(&token_env).filter(|t| !t.is_empty());
         if let Some(addr) = admin_listen {
             if !addr.ip().is_loopback() && token.is_none() {
@@ -354,21 +315,14 @@ impl RawConfig {
         let client_timeout = duration(&mut p, "client_timeout", self.client_timeout, "30s");
         let shutdown_grace = duration(&mut p, "shutdown_grace", self.shutdown_grace, "30s");
         let purge_interval = duration(&mut p, "purge_interval", self.purge_interval, "60s");
-        let raw_routes = if self.routes.is_empty() {
-            vec![RawRoute::default()]
-        } else {
-            self.routes
-        };
+        let raw_routes = if self.routes.is_empty() { vec![RawRoute::default()] } else { self.routes };
         let mut routes = Vec::new();
         let mut names = BTreeMap::new();
         for (i, raw) in raw_routes.into_iter().enumerate() {
             let path = format!("routes[{i}]");
             if let Some(route) = raw.validate(&path, &mut p) {
                 if let Some(first) = names.insert(route.name.clone(), i) {
-                    p.0.push(format!(
-                        "{path}.name: {:?} is already the name of routes[{first}]",
-                        route.name
-                    ));
+                    p.0.push(format!("{path}.name: {:?} is already the name of routes[{first}]", route.name));
                 }
                 routes.push(route);
             }
@@ -376,14 +330,7 @@ impl RawConfig {
         if !p.0.is_empty() {
             return Err(ConfigError(p.0));
         }
-        match (
-            listen,
-            upstream,
-            admin_listen,
-            client_timeout,
-            shutdown_grace,
-            purge_interval,
-        ) {
+        match (listen, upstream, admin_listen, client_timeout, shutdown_grace, purge_interval) {
             (
                 Some(listen),
                 Some(upstream),
@@ -396,11 +343,7 @@ impl RawConfig {
                 upstream,
                 store,
                 odata: self.odata.unwrap_or(false),
-                admin: AdminConfig {
-                    listen: admin_listen,
-                    token,
-                    token_env,
-                },
+                admin: AdminConfig { listen: admin_listen, token, token_env },
                 client_timeout,
                 shutdown_grace,
                 purge_interval,
@@ -416,9 +359,7 @@ impl RawRoute {
         let problems_before = p.0.len();
         let name = self.name.unwrap_or_else(|| "default".into());
         if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_graphic()) {
-            p.0.push(format!(
-                "{at}.name: {name:?} must be 1-128 visible ASCII characters"
-            ));
+            p.0.push(format!("{at}.name: {name:?} must be 1-128 visible ASCII characters"));
         }
         let methods: Vec<Method> = self
             .methods
@@ -427,13 +368,10 @@ impl RawRoute {
             .enumerate()
             .filter_map(|(i, m)| {
                 let upper = m.to_ascii_uppercase();
-                let method = Method::from_bytes(upper.as_bytes())
-                    .map_err(|_| format!("invalid method {m:?}"));
+                let method = Method::from_bytes(upper.as_bytes()).map_err(|_| format!("invalid method {m:?}"));
                 let method = method.and_then(|m| {
                     if m == Method::GET || m == Method::HEAD {
-                        Err(format!(
-                            "{m} is never claimed: GET and HEAD are safe and pass through"
-                        ))
+                        Err(format!("{m} is never claimed: GET and HEAD are safe and pass through"))
                     } else {
                         Ok(m)
                     }
@@ -451,10 +389,7 @@ impl RawRoute {
                 .map_err(|e| format!("invalid glob {glob:?}: {e}")),
         );
         let duration = |p: &mut Problems, key: &str, value: Option<String>, default: &str| {
-            p.check(
-                &format!("{at}.{key}"),
-                parse_duration(value.as_deref().unwrap_or(default)),
-            )
+            p.check(&format!("{at}.{key}"), parse_duration(value.as_deref().unwrap_or(default)))
         };
         let ttl = duration(p, "ttl", self.ttl, "24h");
         let lease = duration(p, "lease", self.lease, "30s");
@@ -463,10 +398,7 @@ impl RawRoute {
             p.0.push(format!("{at}.lease: must be at least 100ms"));
         }
         let size = |p: &mut Problems, key: &str, value: Option<String>, default: &str| {
-            p.check(
-                &format!("{at}.{key}"),
-                parse_size(value.as_deref().unwrap_or(default)),
-            )
+            p.check(&format!("{at}.{key}"), parse_size(value.as_deref().unwrap_or(default)))
         };
         let max_body = size(p, "max_body", self.max_body, "1MiB");
         let max_stored_response = size(p, "max_stored_response", self.max_stored_response, "1MiB");
@@ -474,61 +406,42 @@ impl RawRoute {
         let required = raw_key.required.unwrap_or(false);
         let normalize = raw_key.normalize.unwrap_or_default();
         let key = match (raw_key.header, raw_key.body, raw_key.fingerprint) {
-            (Some(h), None, None | Some(false)) => p
-                .check(&format!("{at}.key.header"), header_name(&h))
-                .map(KeySource::Header),
-            (None, Some(b), None | Some(false)) => p
-                .check(&format!("{at}.key.body"), pointers(b.into_vec()))
-                .map(KeySource::Body),
+            (Some(h), None, None | Some(false)) => {
+                p.check(&format!("{at}.key.header"), header_name(&h)).map(KeySource::Header)
+            }
+            (None, Some(b), None | Some(false)) => {
+                p.check(&format!("{at}.key.body"), pointers(b.into_vec())).map(KeySource::Body)
+            }
             (None, None, Some(true)) => Some(KeySource::Fingerprint),
-            (None, None, None | Some(false)) => Some(KeySource::Header(HeaderName::from_static(
-                "idempotency-key",
-            ))),
+            (None, None, None | Some(false)) => Some(KeySource::Header(HeaderName::from_static("idempotency-key"))),
             _ => {
-                p.0.push(format!(
-                    "{at}.key: give exactly one of header, body or fingerprint = true"
-                ));
+                p.0.push(format!("{at}.key: give exactly one of header, body or fingerprint = true"));
                 None
             }
         };
         let raw_fp = self.fingerprint.unwrap_or_default();
-        let fp_headers = raw_fp
-            .headers
-            .unwrap_or_else(|| vec!["content-type".into()]);
+        let fp_headers = raw_fp.headers.unwrap_or_else(|| vec!["content-type".into()]);
         let fp_headers: Vec<String> = fp_headers
             .iter()
             .enumerate()
             .filter_map(|(i, h)| {
-                p.check(&format!("{at}.fingerprint.headers[{i}]"), header_name(h))
-                    .map(|h| h.as_str().to_owned())
+                p.check(&format!("{at}.fingerprint.headers[{i}]"), header_name(h)).map(|h| h.as_str().to_owned())
             })
             .collect();
-        let include = p.check(
-            &format!("{at}.fingerprint.include"),
-            pointers(raw_fp.include.unwrap_or_default()),
-        );
-        let exclude = p.check(
-            &format!("{at}.fingerprint.exclude"),
-            pointers(raw_fp.exclude.unwrap_or_default()),
-        );
+        let include = p.check(&format!("{at}.fingerprint.include"), pointers(raw_fp.include.unwrap_or_default()));
+        let exclude = p.check(&format!("{at}.fingerprint.exclude"), pointers(raw_fp.exclude.unwrap_or_default()));
         let tenant = match self.tenant.and_then(|t| t.header) {
-            Some(h) => p
-                .check(&format!("{at}.tenant.header"), header_name(&h))
-                .map(TenantSource::Header),
+            Some(h) => p.check(&format!("{at}.tenant.header"), header_name(&h)).map(TenantSource::Header),
             None => Some(TenantSource::Credential),
         };
         let in_flight = match self.in_flight {
             None => Some(InFlight::Reject),
             Some(RawInFlight::Word(w)) if w == "reject" => Some(InFlight::Reject),
             Some(RawInFlight::Word(w)) => {
-                p.0.push(format!(
-                    "{at}.in_flight: {w:?} is not \"reject\" or {{ wait = \"5s\" }}"
-                ));
+                p.0.push(format!("{at}.in_flight: {w:?} is not \"reject\" or {{ wait = \"5s\" }}"));
                 None
             }
-            Some(RawInFlight::Wait { wait }) => {
-                duration(p, "in_flight.wait", Some(wait), "").map(InFlight::Wait)
-            }
+            Some(RawInFlight::Wait { wait }) => duration(p, "in_flight.wait", Some(wait), "").map(InFlight::Wait),
         };
         let forward_key = match self.forward_key {
             None => Some(ForwardKey::AsIs),
@@ -537,22 +450,22 @@ impl RawRoute {
                 "strip" => Some(ForwardKey::Strip),
                 "odata" => Some(ForwardKey::OData),
                 _ => {
-                    p.0.push(format!("{at}.forward_key: {w:?} is not \"as-is\", \"strip\", \"odata\" or {{ header = \"…\" }}"));
+                    p.0.push(format!(
+                        "{at}.forward_key: {w:?} is not \"as-is\", \"strip\", \"odata\" or {{ header = \"…\" }}"
+                    ));
                     None
                 }
             },
-            Some(RawForwardKey::Header { header }) => p
-                .check(&format!("{at}.forward_key.header"), header_name(&header))
-                .map(ForwardKey::Rename),
+            Some(RawForwardKey::Header { header }) => {
+                p.check(&format!("{at}.forward_key.header"), header_name(&header)).map(ForwardKey::Rename)
+            }
         };
         let denylist: Vec<HeaderName> = self
             .replay_header_denylist
             .unwrap_or_else(|| vec!["set-cookie".into()])
             .iter()
             .enumerate()
-            .filter_map(|(i, h)| {
-                p.check(&format!("{at}.replay_header_denylist[{i}]"), header_name(h))
-            })
+            .filter_map(|(i, h)| p.check(&format!("{at}.replay_header_denylist[{i}]"), header_name(h)))
             .collect();
         if p.0.len() > problems_before {
             return None;
@@ -566,11 +479,7 @@ impl RawRoute {
             key: key?,
             required,
             normalize,
-            fingerprint: FingerprintSpec {
-                headers: fp_headers,
-                include: include?,
-                exclude: exclude?,
-            },
+            fingerprint: FingerprintSpec { headers: fp_headers, include: include?, exclude: exclude? },
             tenant: tenant?,
             in_flight: in_flight?,
             lease: lease?,
@@ -591,8 +500,7 @@ mod tests {
 
     fn validate(text: &str) -> Result<Config, String> {
         let raw = parse_toml(text)?;
-        raw.validate(&Overrides::default(), &|_| None)
-            .map_err(|e| e.to_string())
+        raw.validate(&Overrides::default(), &|_| None).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -609,8 +517,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named_with_their_path() {
-        let err = validate("[[routes]]\nname = \"a\"\n\n[[routes]]\nname = \"b\"\nttll = \"1h\"\n")
-            .unwrap_err();
+        let err = validate("[[routes]]\nname = \"a\"\n\n[[routes]]\nname = \"b\"\nttll = \"1h\"\n").unwrap_err();
         assert!(err.contains("routes[1]"), "{err}");
         assert!(err.contains("ttll"), "{err}");
         assert!(err.contains("line 6"), "{err}");
@@ -622,12 +529,7 @@ mod tests {
             "listen = \"nowhere\"\n[[routes]]\nname = \"a\"\nttl = \"24x\"\nmax_body = \"1XB\"\nkey = { body = \"order_id\" }\n",
         )
         .unwrap_err();
-        for needle in [
-            "listen:",
-            "routes[0].ttl",
-            "routes[0].max_body",
-            "routes[0].key.body",
-        ] {
+        for needle in ["listen:", "routes[0].ttl", "routes[0].max_body", "routes[0].key.body"] {
             assert!(err.contains(needle), "{needle} missing from {err}");
         }
     }
@@ -638,19 +540,14 @@ mod tests {
         let err = validate(text).unwrap_err();
         assert!(err.contains("IDEM_ADMIN_TOKEN"), "{err}");
         let raw = parse_toml(text).unwrap();
-        let ok = raw.validate(&Overrides::default(), &|name| {
-            (name == "IDEM_ADMIN_TOKEN").then(|| "s3cret".into())
-        });
+        let ok = raw.validate(&Overrides::default(), &|name| (name == "IDEM_ADMIN_TOKEN").then(|| "s3cret".into()));
         assert_eq!(ok.unwrap().admin.token.as_deref(), Some("s3cret"));
     }
 
     #[test]
     fn flags_override_the_file() {
         let raw = parse_toml("listen = \"127.0.0.1:1\"\nstore = \"memory://\"\n").unwrap();
-        let overrides = Overrides {
-            listen: Some("127.0.0.1:2".into()),
-            ..Default::default()
-        };
+        let overrides = Overrides { listen: Some("127.0.0.1:2".into()), ..Default::default() };
         let config = raw.validate(&overrides, &|_| None).unwrap();
         assert_eq!(config.listen.port(), 2);
         assert_eq!(config.store, "memory://");
@@ -683,10 +580,7 @@ mod tests {
         assert_eq!(route.in_flight, InFlight::Wait(Duration::from_secs(5)));
         assert_eq!(route.on_unknown, OnUnknown::Retry);
         assert_eq!(route.normalize, Normalize::Lowercase);
-        assert_eq!(
-            route.forward_key,
-            ForwardKey::Rename(HeaderName::from_static("x-request-id"))
-        );
+        assert_eq!(route.forward_key, ForwardKey::Rename(HeaderName::from_static("x-request-id")));
     }
 
     #[test]

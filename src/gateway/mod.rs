@@ -40,22 +40,14 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let metrics = crate::metrics::install();
     if demo {
-        let address = config
-            .upstream
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .unwrap_or_default();
-        let listener = TcpListener::bind(&address)
-            .await
-            .with_context(|| format!("demo upstream: cannot listen on {address}"))?;
+        let address = config.upstream.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+        let listener =
+            TcpListener::bind(&address).await.with_context(|| format!("demo upstream: cannot listen on {address}"))?;
         tokio::spawn(crate::demo::serve(listener));
     }
-    let store = store::open(&config.store)
-        .await
-        .with_context(|| format!("cannot open store {}", config.store))?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let store = store::open(&config.store).await.with_context(|| format!("cannot open store {}", config.store))?;
+    let listener =
+        TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin: cannot listen on {}", config.admin.listen))?;
@@ -68,36 +60,19 @@ pub async fn run(
     ));
     let admin_address = admin_listener.local_addr()?;
     let stop = CancellationToken::new();
-    tokio::spawn(purge_loop(
-        store.clone(),
-        config.purge_interval,
-        stop.clone(),
-    ));
-    let admin = crate::admin::Admin {
-        store: store.clone(),
-        metrics,
-        token: config.admin.token.clone(),
-    };
+    tokio::spawn(purge_loop(store.clone(), config.purge_interval, stop.clone()));
+    let admin = crate::admin::Admin { store: store.clone(), metrics, token: config.admin.token.clone() };
     let admin_stop = stop.clone();
     let admin_server = tokio::spawn(async move {
         let router = crate::admin::router(Arc::new(admin));
-        axum::serve(admin_listener, router)
-            .with_graceful_shutdown(admin_stop.cancelled_owned())
-            .await
+        axum::serve(admin_listener, router).with_graceful_shutdown(admin_stop.cancelled_owned()).await
     });
     ready(listener.local_addr()?, admin_address);
     tracing::info!(
         listen = %listener.local_addr()?, upstream = %config.upstream, store = %config.store,
         admin = %admin_address, routes = config.routes.len(), "idem gateway ready"
     );
-    server::serve(
-        listener,
-        gateway,
-        config.client_timeout,
-        config.shutdown_grace,
-        shutdown,
-    )
-    .await;
+    server::serve(listener, gateway, config.client_timeout, config.shutdown_grace, shutdown).await;
     stop.cancel();
     let _ = admin_server.await;
     tracing::info!("idem gateway stopped");

@@ -27,26 +27,17 @@ pub struct Repeatability {
 
 /// True when the request carries any `Repeatability-*` header.
 pub fn present(headers: &HeaderMap) -> bool {
-    headers.contains_key(REQUEST_ID)
-        || headers.contains_key(FIRST_SENT)
-        || headers.contains_key(CLIENT_ID)
+    headers.contains_key(REQUEST_ID) || headers.contains_key(FIRST_SENT) || headers.contains_key(CLIENT_ID)
 }
 
 fn rejected(status: StatusCode, detail: impl Into<String>) -> Problem {
-    Problem::RepeatabilityRejected {
-        status,
-        detail: detail.into(),
-    }
+    Problem::RepeatabilityRejected { status, detail: detail.into() }
 }
 
 /// Reads the headers. `None` when the request is not a repeatable request. A request
 /// with only one of the id and the first-sent time is `400`; a first-sent time older than
 /// the retention window is `412`.
-pub fn parse(
-    headers: &HeaderMap,
-    now: SystemTime,
-    retention: Duration,
-) -> Result<Option<Repeatability>, Problem> {
+pub fn parse(headers: &HeaderMap, now: SystemTime, retention: Duration) -> Result<Option<Repeatability>, Problem> {
     let id = headers.get(REQUEST_ID);
     let first_sent = headers.get(FIRST_SENT);
     let (id, first_sent) = match (id, first_sent) {
@@ -59,23 +50,13 @@ pub fn parse(
             ));
         }
     };
-    let sent = first_sent
-        .to_str()
-        .ok()
-        .and_then(|s| httpdate::parse_http_date(s).ok())
-        .ok_or_else(|| {
-            rejected(
-                StatusCode::BAD_REQUEST,
-                "Repeatability-First-Sent is not an HTTP date (IMF-fixdate).",
-            )
-        })?;
+    let sent = first_sent.to_str().ok().and_then(|s| httpdate::parse_http_date(s).ok()).ok_or_else(|| {
+        rejected(StatusCode::BAD_REQUEST, "Repeatability-First-Sent is not an HTTP date (IMF-fixdate).")
+    })?;
     if now.duration_since(sent).is_ok_and(|age| age > retention) {
         return Err(rejected(
             StatusCode::PRECONDITION_FAILED,
-            format!(
-                "Repeatability-First-Sent is older than the retention window of {}s.",
-                retention.as_secs()
-            ),
+            format!("Repeatability-First-Sent is older than the retention window of {}s.", retention.as_secs()),
         ));
     }
     let client_id = match headers.get(CLIENT_ID) {
@@ -83,18 +64,10 @@ pub fn parse(
         Some(value) => Some(
             crate::core::key::validate(value.as_bytes())
                 .map(str::to_owned)
-                .map_err(|e| {
-                    rejected(
-                        StatusCode::BAD_REQUEST,
-                        format!("Repeatability-Client-ID: {e}."),
-                    )
-                })?,
+                .map_err(|e| rejected(StatusCode::BAD_REQUEST, format!("Repeatability-Client-ID: {e}.")))?,
         ),
     };
-    Ok(Some(Repeatability {
-        request_id: id.as_bytes().to_vec(),
-        client_id,
-    }))
+    Ok(Some(Repeatability { request_id: id.as_bytes().to_vec(), client_id }))
 }
 
 #[cfg(test)]
@@ -102,10 +75,7 @@ mod tests {
     use super::*;
 
     fn headers(pairs: &[(&HeaderName, &str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).clone(), v.parse().unwrap()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).clone(), v.parse().unwrap())).collect()
     }
 
     const DAY: Duration = Duration::from_secs(86_400);
@@ -114,11 +84,7 @@ mod tests {
     fn both_headers_make_a_repeatable_request() {
         let now = SystemTime::now();
         let sent = httpdate::fmt_http_date(now - Duration::from_secs(60));
-        let h = headers(&[
-            (&REQUEST_ID, "abc"),
-            (&FIRST_SENT, &sent),
-            (&CLIENT_ID, "app-1"),
-        ]);
+        let h = headers(&[(&REQUEST_ID, "abc"), (&FIRST_SENT, &sent), (&CLIENT_ID, "app-1")]);
         let r = parse(&h, now, DAY).unwrap().unwrap();
         assert_eq!(r.request_id, b"abc");
         assert_eq!(r.client_id.as_deref(), Some("app-1"));
@@ -136,30 +102,18 @@ mod tests {
     fn stale_first_sent_is_a_failed_precondition() {
         let now = SystemTime::now();
         let sent = httpdate::fmt_http_date(now - 2 * DAY);
-        let err = parse(
-            &headers(&[(&REQUEST_ID, "abc"), (&FIRST_SENT, &sent)]),
-            now,
-            DAY,
-        )
-        .unwrap_err();
+        let err = parse(&headers(&[(&REQUEST_ID, "abc"), (&FIRST_SENT, &sent)]), now, DAY).unwrap_err();
         assert_eq!(err.status(), StatusCode::PRECONDITION_FAILED);
     }
 
     #[test]
     fn garbage_dates_are_rejected() {
-        let err = parse(
-            &headers(&[(&REQUEST_ID, "abc"), (&FIRST_SENT, "yesterday")]),
-            SystemTime::now(),
-            DAY,
-        );
+        let err = parse(&headers(&[(&REQUEST_ID, "abc"), (&FIRST_SENT, "yesterday")]), SystemTime::now(), DAY);
         assert_eq!(err.unwrap_err().status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]
     fn no_headers_is_not_repeatable() {
-        assert_eq!(
-            parse(&HeaderMap::new(), SystemTime::now(), DAY).unwrap(),
-            None
-        );
+        assert_eq!(parse(&HeaderMap::new(), SystemTime::now(), DAY).unwrap(), None);
     }
 }

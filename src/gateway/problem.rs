@@ -64,13 +64,9 @@ impl Problem {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Problem::KeyMissing { .. } | Problem::KeyInvalid(_) | Problem::BadRequest(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Problem::KeyMissing { .. } | Problem::KeyInvalid(_) | Problem::BadRequest(_) => StatusCode::BAD_REQUEST,
             Problem::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            Problem::InFlight { .. } | Problem::OutcomeUnknown | Problem::NeedsReview => {
-                StatusCode::CONFLICT
-            }
+            Problem::InFlight { .. } | Problem::OutcomeUnknown | Problem::NeedsReview => StatusCode::CONFLICT,
             Problem::NotRetained => StatusCode::GONE,
             Problem::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -171,10 +167,7 @@ impl Problem {
         let mut response = Response::new(full(bytes));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         match self {
             Problem::InFlight { retry_after } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after));

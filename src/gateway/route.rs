@@ -57,9 +57,7 @@ pub struct Route {
 impl Route {
     /// The decision policy of this route.
     pub fn policy(&self) -> ClaimPolicy {
-        ClaimPolicy {
-            on_unknown: self.on_unknown,
-        }
+        ClaimPolicy { on_unknown: self.on_unknown }
     }
 
     /// True when this route protects the request.
@@ -119,9 +117,7 @@ pub struct RouteTable {
 impl RouteTable {
     /// A table over routes in configuration order.
     pub fn new(routes: Vec<Route>) -> Self {
-        Self {
-            routes: routes.into_iter().map(Arc::new).collect(),
-        }
+        Self { routes: routes.into_iter().map(Arc::new).collect() }
     }
 
     /// The route protecting a request, if any.

@@ -20,8 +20,7 @@ use super::upstream::{Upstream, UpstreamError, strip_hop_by_hop};
 use crate::core::fingerprint::{RequestView, fingerprint};
 use crate::core::units::millis;
 use crate::core::{
-    Decision, ExecuteReason, Fingerprint, Intent, LeaseToken, Millis, Outcome, Record, RecordId,
-    StoredResponse, key,
+    Decision, ExecuteReason, Fingerprint, Intent, LeaseToken, Millis, Outcome, Record, RecordId, StoredResponse, key,
 };
 use crate::metrics::{self, Label};
 use crate::store::{Store, now_millis};
@@ -62,14 +61,7 @@ impl Gateway {
         odata: bool,
         client_timeout: Duration,
     ) -> Self {
-        Self {
-            routes,
-            store,
-            upstream,
-            odata,
-            client_timeout,
-            tasks: TaskTracker::new(),
-        }
+        Self { routes, store, upstream, odata, client_timeout, tasks: TaskTracker::new() }
     }
 
     /// The detached executions, for graceful shutdown.
@@ -78,20 +70,12 @@ impl Gateway {
     }
 
     /// Answers one client request.
-    pub async fn handle<B>(
-        self: Arc<Self>,
-        request: Request<B>,
-        peer: Option<SocketAddr>,
-    ) -> Response<Body>
+    pub async fn handle<B>(self: Arc<Self>, request: Request<B>, peer: Option<SocketAddr>) -> Response<Body>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let Some(route) = self
-            .routes
-            .find(request.method(), request.uri().path())
-            .cloned()
-        else {
+        let Some(route) = self.routes.find(request.method(), request.uri().path()).cloned() else {
             let safe = request.method() == Method::GET || request.method() == Method::HEAD;
             if self.odata && !safe && odata::present(request.headers()) {
                 metrics::request("", Label::Rejected);
@@ -107,11 +91,7 @@ impl Gateway {
         self.protected(route, request, peer).await
     }
 
-    async fn passthrough(
-        &self,
-        mut request: Request<Body>,
-        peer: Option<SocketAddr>,
-    ) -> Response<Body> {
+    async fn passthrough(&self, mut request: Request<Body>, peer: Option<SocketAddr>) -> Response<Body> {
         self.upstream.prepare(&mut request, peer);
         match self.upstream.send(request).await {
             Ok(response) => {
@@ -135,10 +115,7 @@ impl Gateway {
         B::Error: Into<BoxError>,
     {
         let (parts, body) = request.into_parts();
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let body = match declared {
             Some(length) if length > route.max_body => Err(ReadError::TooLarge),
             _ => read_limited(body, route.max_body, self.client_timeout).await,
@@ -148,13 +125,9 @@ impl Gateway {
             Err(error) => {
                 metrics::request(&route.name, Label::Rejected);
                 return match error {
-                    ReadError::TooLarge => Problem::BodyTooLarge {
-                        limit: route.max_body,
-                    },
+                    ReadError::TooLarge => Problem::BodyTooLarge { limit: route.max_body },
                     ReadError::TimedOut => Problem::ClientTimeout,
-                    ReadError::Broken => {
-                        Problem::BadRequest("The request body could not be read.".into())
-                    }
+                    ReadError::Broken => Problem::BadRequest("The request body could not be read.".into()),
                 }
                 .response();
             }
@@ -163,27 +136,18 @@ impl Gateway {
             Ok(Some(identified)) => identified,
             Ok(None) => {
                 metrics::request(&route.name, Label::MissingKey);
-                return self
-                    .passthrough(Request::from_parts(parts, full(body)), peer)
-                    .await;
+                return self.passthrough(Request::from_parts(parts, full(body)), peer).await;
             }
             Err(problem) => {
-                let label = if matches!(problem, Problem::KeyMissing { .. }) {
-                    Label::MissingKey
-                } else {
-                    Label::Rejected
-                };
+                let label =
+                    if matches!(problem, Problem::KeyMissing { .. }) { Label::MissingKey } else { Label::Rejected };
                 metrics::request(&route.name, label);
                 return problem.response();
             }
         };
         // From here on the work runs detached: a claim is never left without its outcome.
         let gateway = self.clone();
-        let work = self.tasks.spawn(async move {
-            gateway
-                .claim_and_act(&route, parts, body, identified, peer)
-                .await
-        });
+        let work = self.tasks.spawn(async move { gateway.claim_and_act(&route, parts, body, identified, peer).await });
         work.await.unwrap_or_else(|e| {
             tracing::error!(error = %e, "a request handler failed");
             Problem::BadRequest("The request could not be processed.".into()).response()
@@ -255,7 +219,8 @@ impl Gateway {
                 Label::KeyReused,
                 Problem::RepeatabilityRejected {
                     status: StatusCode::BAD_REQUEST,
-                    detail: "This Repeatability-Request-ID was already used with another method, URI or payload.".into(),
+                    detail: "This Repeatability-Request-ID was already used with another method, URI or payload."
+                        .into(),
                 }
                 .response(),
             ),
@@ -286,12 +251,7 @@ impl Gateway {
         peer: Option<SocketAddr>,
     ) -> Response<Body> {
         let mut request = Request::from_parts(parts, full(body));
-        forward_key(
-            route,
-            request.headers_mut(),
-            &record.id.key,
-            record.created_at,
-        );
+        forward_key(route, request.headers_mut(), &record.id.key, record.created_at);
         self.upstream.prepare(&mut request, peer);
         let renewal = self.keep_lease(record.id.clone(), token, route.lease);
         let started = Instant::now();
@@ -300,22 +260,13 @@ impl Gateway {
         metrics::upstream_time(&route.name, started.elapsed());
         let (outcome, response) = match exchange {
             Err(_) => (
-                Outcome::Unknown {
-                    error: format!(
-                        "no answer within upstream_timeout ({:?})",
-                        route.upstream_timeout
-                    ),
-                },
+                Outcome::Unknown { error: format!("no answer within upstream_timeout ({:?})", route.upstream_timeout) },
                 Problem::UpstreamTimeout.response(),
             ),
-            Ok(Err(UpstreamError::NotSent(error))) => (
-                Outcome::Retryable { error },
-                Problem::UpstreamUnavailable.response(),
-            ),
-            Ok(Err(UpstreamError::Lost(error))) => (
-                Outcome::Unknown { error },
-                Problem::UpstreamBroken.response(),
-            ),
+            Ok(Err(UpstreamError::NotSent(error))) => {
+                (Outcome::Retryable { error }, Problem::UpstreamUnavailable.response())
+            }
+            Ok(Err(UpstreamError::Lost(error))) => (Outcome::Unknown { error }, Problem::UpstreamBroken.response()),
             Ok(Ok((parts, bytes))) => answered(route, parts, bytes),
         };
         if !matches!(outcome, Outcome::Completed(_)) {
@@ -326,26 +277,15 @@ impl Gateway {
     }
 
     /// Sends a request and reads the whole answer.
-    async fn exchange(
-        &self,
-        request: Request<Body>,
-    ) -> Result<(http::response::Parts, Bytes), UpstreamError> {
+    async fn exchange(&self, request: Request<Body>) -> Result<(http::response::Parts, Bytes), UpstreamError> {
         let response = self.upstream.send(request).await?;
         let (parts, body) = response.into_parts();
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| UpstreamError::Lost(format!("answer broken off: {e}")))?;
+        let bytes = body.collect().await.map_err(|e| UpstreamError::Lost(format!("answer broken off: {e}")))?;
         Ok((parts, bytes.to_bytes()))
     }
 
     /// Renews the lease every third of its length until the returned handle is dropped.
-    fn keep_lease(
-        &self,
-        id: RecordId,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> AbortOnDropHandle<()> {
+    fn keep_lease(&self, id: RecordId, token: LeaseToken, lease: Duration) -> AbortOnDropHandle<()> {
         let store = self.store.clone();
         AbortOnDropHandle::new(tokio::spawn(async move {
             loop {
@@ -369,10 +309,7 @@ impl Gateway {
         let mut pause = Duration::from_millis(50);
         for attempt in 0..6 {
             let started = Instant::now();
-            let finished = self
-                .store
-                .finish(id, token, outcome.clone(), now_millis())
-                .await;
+            let finished = self.store.finish(id, token, outcome.clone(), now_millis()).await;
             metrics::store_time("finish", started.elapsed());
             match finished {
                 Ok(true) => return,
@@ -396,21 +333,9 @@ impl Gateway {
 
 /// Derives the record id and fingerprint of a protected request. `Ok(None)`: no key on a
 /// route where it is optional.
-fn identify(
-    route: &Route,
-    odata_enabled: bool,
-    parts: &Parts,
-    body: &Bytes,
-) -> Result<Option<Identified>, Problem> {
-    let repeatable = if odata_enabled {
-        odata::parse(&parts.headers, SystemTime::now(), route.ttl)?
-    } else {
-        None
-    };
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
+fn identify(route: &Route, odata_enabled: bool, parts: &Parts, body: &Bytes) -> Result<Option<Identified>, Problem> {
+    let repeatable = if odata_enabled { odata::parse(&parts.headers, SystemTime::now(), route.ttl)? } else { None };
+    let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let view = RequestView {
         method: parts.method.as_str(),
         path: parts.uri.path(),
@@ -419,12 +344,7 @@ fn identify(
         body,
     };
     let (fingerprint, _) = fingerprint(&route.fingerprint, view, |name| {
-        parts
-            .headers
-            .get_all(name)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect()
+        parts.headers.get_all(name).iter().map(HeaderValue::as_bytes).collect()
     });
     let (raw_key, scope) = match &repeatable {
         Some(r) => {
@@ -434,19 +354,10 @@ fn identify(
             };
             (Some(r.request_id.clone()), scope)
         }
-        None => (
-            route_key(route, &parts.headers, body, &fingerprint)?,
-            route.name.clone(),
-        ),
+        None => (route_key(route, &parts.headers, body, &fingerprint)?, route.name.clone()),
     };
     let Some(raw_key) = raw_key else {
-        return if route.required {
-            Err(Problem::KeyMissing {
-                source: key_source(route),
-            })
-        } else {
-            Ok(None)
-        };
+        return if route.required { Err(Problem::KeyMissing { source: key_source(route) }) } else { Ok(None) };
     };
     let key = key::accept(&raw_key, route.normalize).map_err(|e| match repeatable {
         Some(_) => Problem::RepeatabilityRejected {
@@ -456,11 +367,7 @@ fn identify(
         None => Problem::KeyInvalid(e),
     })?;
     let tenant = tenant(route, &parts.headers)?;
-    Ok(Some(Identified {
-        id: RecordId::new(scope, tenant, key),
-        fingerprint,
-        odata: repeatable.is_some(),
-    }))
+    Ok(Some(Identified { id: RecordId::new(scope, tenant, key), fingerprint, odata: repeatable.is_some() }))
 }
 
 fn route_key(
@@ -474,9 +381,7 @@ fn route_key(
             let mut values = headers.get_all(name).iter();
             let first = values.next();
             if values.next().is_some() {
-                return Err(Problem::BadRequest(format!(
-                    "Send exactly one {name} header."
-                )));
+                return Err(Problem::BadRequest(format!("Send exactly one {name} header.")));
             }
             first.map(|v| v.as_bytes().to_vec())
         }
@@ -501,11 +406,7 @@ fn tenant(route: &Route, headers: &HeaderMap) -> Result<String, Problem> {
                 .map_err(|e| Problem::BadRequest(format!("The {name} header is invalid: {e}.")));
         }
     }
-    Ok(key::tenant_from_credential(
-        headers
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes),
-    ))
+    Ok(key::tenant_from_credential(headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes)))
 }
 
 fn correlation_id(headers: &HeaderMap) -> Option<String> {
@@ -552,11 +453,7 @@ fn forward_key(route: &Route, headers: &mut HeaderMap, key: &str, created_at: Mi
 }
 
 /// Turns an upstream answer into the outcome to record and the client's response.
-fn answered(
-    route: &Route,
-    mut parts: http::response::Parts,
-    bytes: Bytes,
-) -> (Outcome, Response<Body>) {
+fn answered(route: &Route, mut parts: http::response::Parts, bytes: Bytes) -> (Outcome, Response<Body>) {
     strip_hop_by_hop(&mut parts.headers);
     let status = parts.status.as_u16();
     let outcome = if crate::core::is_final_status(status, route.store_server_errors) {
@@ -564,17 +461,11 @@ fn answered(
         Outcome::Completed(StoredResponse {
             status,
             headers: storable_headers(&parts.headers, &route.replay_denylist),
-            body: if retained {
-                bytes.clone()
-            } else {
-                Bytes::new()
-            },
+            body: if retained { bytes.clone() } else { Bytes::new() },
             retained,
         })
     } else {
-        Outcome::Retryable {
-            error: format!("upstream answered {status}"),
-        }
+        Outcome::Retryable { error: format!("upstream answered {status}") }
     };
     (outcome, Response::from_parts(parts, full(bytes)))
 }
@@ -584,12 +475,7 @@ fn storable_headers(headers: &HeaderMap, denylist: &[HeaderName]) -> Vec<(String
     headers
         .iter()
         .filter(|(name, _)| *name != header::CONTENT_LENGTH && !denylist.contains(name))
-        .map(|(name, value)| {
-            (
-                name.as_str().to_owned(),
-                value.as_bytes().iter().map(|&b| char::from(b)).collect(),
-            )
-        })
+        .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().iter().map(|&b| char::from(b)).collect()))
         .collect()
 }
 
@@ -602,14 +488,8 @@ fn replay(record: &Record) -> Response<Body> {
     *response.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
     let headers = response.headers_mut();
     for (name, value) in &stored.headers {
-        let bytes: Vec<u8> = value
-            .chars()
-            .map(|c| u8::try_from(c).unwrap_or(b'?'))
-            .collect();
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::try_from(name.as_str()),
-            HeaderValue::from_bytes(&bytes),
-        ) {
+        let bytes: Vec<u8> = value.chars().map(|c| u8::try_from(c).unwrap_or(b'?')).collect();
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_bytes(&bytes)) {
             headers.append(name, value);
         }
     }
@@ -619,9 +499,7 @@ fn replay(record: &Record) -> Response<Body> {
 
 fn accepted(mut response: Response<Body>, odata: bool) -> Response<Body> {
     if odata {
-        response
-            .headers_mut()
-            .insert(odata::RESULT, HeaderValue::from_static("accepted"));
+        response.headers_mut().insert(odata::RESULT, HeaderValue::from_static("accepted"));
     }
     response
 }

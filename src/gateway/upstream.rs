@@ -47,19 +47,12 @@ impl Upstream {
             .pool_max_idle_per_host(1024)
             .build(connector);
         let prefix = base.path().trim_end_matches('/').to_owned();
-        Self {
-            client,
-            base,
-            prefix,
-        }
+        Self { client, base, prefix }
     }
 
     /// The upstream URI for a request URI.
     pub fn target(&self, uri: &Uri) -> Uri {
-        let path_and_query = uri
-            .path_and_query()
-            .map(PathAndQuery::as_str)
-            .unwrap_or("/");
+        let path_and_query = uri.path_and_query().map(PathAndQuery::as_str).unwrap_or("/");
         let joined = format!("{}{}", self.prefix, path_and_query);
         let mut parts = self.base.clone().into_parts();
         parts.path_and_query = joined.parse().ok();
@@ -70,41 +63,29 @@ impl Upstream {
     pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
         self.client.request(request).await.map_err(|e| {
             let detail = error_chain(&e);
-            if e.is_connect() {
-                UpstreamError::NotSent(detail)
-            } else {
-                UpstreamError::Lost(detail)
-            }
+            if e.is_connect() { UpstreamError::NotSent(detail) } else { UpstreamError::Lost(detail) }
         })
     }
 
     /// Rewrites a client's request for the upstream: target URI, `Host`, hop-by-hop
     /// headers removed, `X-Forwarded-For`/`-Host`/`-Proto` added.
     pub fn prepare(&self, request: &mut Request<Body>, peer: Option<SocketAddr>) {
-        let original_host = request.headers().get(header::HOST).cloned().or_else(|| {
-            request
-                .uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let original_host = request
+            .headers()
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         *request.uri_mut() = self.target(request.uri());
         *request.version_mut() = http::Version::HTTP_11;
         let headers = request.headers_mut();
         strip_hop_by_hop(headers);
-        if let Some(authority) = self
-            .base
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
+        if let Some(authority) = self.base.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
             headers.insert(header::HOST, authority);
         }
         if let Some(host) = original_host {
             headers.insert(HeaderName::from_static("x-forwarded-host"), host);
         }
-        headers.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("http"),
-        );
+        headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
         if let Some(peer) = peer {
             let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
                 Some(prior) => format!("{prior}, {}", peer.ip()),
@@ -165,19 +146,13 @@ mod tests {
         let t = up.target(&"/v1/orders?x=1".parse().unwrap());
         assert_eq!(t.to_string(), "http://127.0.0.1:9000/api/v1/orders?x=1");
         let bare = Upstream::new("http://127.0.0.1:9000".parse().unwrap());
-        assert_eq!(
-            bare.target(&"/a".parse().unwrap()).to_string(),
-            "http://127.0.0.1:9000/a"
-        );
+        assert_eq!(bare.target(&"/a".parse().unwrap()).to_string(), "http://127.0.0.1:9000/a");
     }
 
     #[test]
     fn hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            "keep-alive, x-secret-hop".parse().unwrap(),
-        );
+        h.insert(header::CONNECTION, "keep-alive, x-secret-hop".parse().unwrap());
         h.insert("x-secret-hop", "1".parse().unwrap());
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
         h.insert("x-end-to-end", "1".parse().unwrap());

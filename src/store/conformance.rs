@@ -10,8 +10,8 @@ use bytes::Bytes;
 
 use super::{Cursor, Error, ListQuery, Store};
 use crate::core::{
-    ClaimPolicy, Decision, ExecuteReason, Fingerprint, Intent, OnUnknown, Outcome, RecordId,
-    Resolution, Status, StoredResponse,
+    ClaimPolicy, Decision, ExecuteReason, Fingerprint, Intent, OnUnknown, Outcome, RecordId, Resolution, Status,
+    StoredResponse,
 };
 
 /// Expands to one test per conformance check, each on a store built by `$make`.
@@ -65,24 +65,15 @@ fn response(status: u16, body: &'static str) -> StoredResponse {
     }
 }
 
-const REVIEW: ClaimPolicy = ClaimPolicy {
-    on_unknown: OnUnknown::Review,
-};
-const RETRY: ClaimPolicy = ClaimPolicy {
-    on_unknown: OnUnknown::Retry,
-};
+const REVIEW: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Review };
+const RETRY: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Retry };
 
 /// Claims and completes `key`, returning nothing; panics when the store disagrees.
 async fn complete(store: &dyn Store, key: &str, now: i64) {
     let claim = store.claim(&intent(key, 1, now), REVIEW).await.unwrap();
     assert!(claim.decision.executes(), "{key}: {:?}", claim.decision);
     let done = store
-        .finish(
-            &claim.record.unwrap().id,
-            claim.token.unwrap(),
-            Outcome::Completed(response(201, "{}")),
-            now,
-        )
+        .finish(&claim.record.unwrap().id, claim.token.unwrap(), Outcome::Completed(response(201, "{}")), now)
         .await;
     assert!(done.unwrap());
 }
@@ -92,25 +83,14 @@ pub async fn claim_then_replay(store: Arc<dyn Store>) {
     let first = store.claim(&intent("k", 1, T0), REVIEW).await.unwrap();
     assert_eq!(first.decision, Decision::Execute(ExecuteReason::New));
     let record = first.record.clone().unwrap();
-    assert_eq!(
-        (record.status, record.attempt_count),
-        (Status::InProgress, 1)
-    );
+    assert_eq!((record.status, record.attempt_count), (Status::InProgress, 1));
     assert!(first.token.is_some());
     let done = Outcome::Completed(response(201, r#"{"id":1}"#));
-    assert!(
-        store
-            .finish(&record.id, first.token.unwrap(), done, T0 + 5)
-            .await
-            .unwrap()
-    );
+    assert!(store.finish(&record.id, first.token.unwrap(), done, T0 + 5).await.unwrap());
     let again = store.claim(&intent("k", 1, T0 + 10), REVIEW).await.unwrap();
     assert_eq!(again.decision, Decision::Replay);
     assert_eq!(again.token, None);
-    assert_eq!(
-        again.record.unwrap().response.unwrap(),
-        response(201, r#"{"id":1}"#)
-    );
+    assert_eq!(again.record.unwrap().response.unwrap(), response(201, r#"{"id":1}"#));
     let stored = store.get(&record.id).await.unwrap().unwrap();
     assert_eq!(stored.status, Status::Completed);
     assert_eq!(stored.lease, None);
@@ -121,13 +101,7 @@ pub async fn concurrent_claims_have_one_winner(store: Arc<dyn Store>) {
     let tasks: Vec<_> = (0..32)
         .map(|_| {
             let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .claim(&intent("race", 1, T0), REVIEW)
-                    .await
-                    .unwrap()
-                    .decision
-            })
+            tokio::spawn(async move { store.claim(&intent("race", 1, T0), REVIEW).await.unwrap().decision })
         })
         .collect();
     let mut executed = 0;
@@ -144,40 +118,18 @@ pub async fn concurrent_claims_have_one_winner(store: Arc<dyn Store>) {
 /// A key held by another payload is rejected, in flight or completed.
 pub async fn reused_key_is_rejected(store: Arc<dyn Store>) {
     let claim = store.claim(&intent("k", 1, T0), REVIEW).await.unwrap();
-    assert_eq!(
-        store
-            .claim(&intent("k", 2, T0), REVIEW)
-            .await
-            .unwrap()
-            .decision,
-        Decision::KeyReused
-    );
+    assert_eq!(store.claim(&intent("k", 2, T0), REVIEW).await.unwrap().decision, Decision::KeyReused);
     store
-        .finish(
-            &claim.record.unwrap().id,
-            claim.token.unwrap(),
-            Outcome::Completed(response(200, "")),
-            T0,
-        )
+        .finish(&claim.record.unwrap().id, claim.token.unwrap(), Outcome::Completed(response(200, "")), T0)
         .await
         .unwrap();
-    assert_eq!(
-        store
-            .claim(&intent("k", 2, T0 + 1), REVIEW)
-            .await
-            .unwrap()
-            .decision,
-        Decision::KeyReused
-    );
+    assert_eq!(store.claim(&intent("k", 2, T0 + 1), REVIEW).await.unwrap().decision, Decision::KeyReused);
 }
 
 /// While the owner's lease lives, duplicates are told the intent is in flight.
 pub async fn live_lease_is_in_flight(store: Arc<dyn Store>) {
     store.claim(&intent("k", 1, T0), REVIEW).await.unwrap();
-    let dup = store
-        .claim(&intent("k", 1, T0 + LEASE - 1), REVIEW)
-        .await
-        .unwrap();
+    let dup = store.claim(&intent("k", 1, T0 + LEASE - 1), REVIEW).await.unwrap();
     assert_eq!(dup.decision, Decision::InFlight);
     assert_eq!(dup.token, None);
 }
@@ -186,62 +138,29 @@ pub async fn live_lease_is_in_flight(store: Arc<dyn Store>) {
 /// and stays so (review), or is re-executed (retry).
 pub async fn dead_owner_is_outcome_unknown(store: Arc<dyn Store>) {
     store.claim(&intent("k", 1, T0), REVIEW).await.unwrap();
-    let later = store
-        .claim(&intent("k", 1, T0 + LEASE + 1), REVIEW)
-        .await
-        .unwrap();
+    let later = store.claim(&intent("k", 1, T0 + LEASE + 1), REVIEW).await.unwrap();
     assert_eq!(later.decision, Decision::OutcomeUnknown);
     let id = RecordId::new("orders", "t1", "k");
-    assert_eq!(
-        store.get(&id).await.unwrap().unwrap().status,
-        Status::OutcomeUnknown
-    );
-    let still = store
-        .claim(&intent("k", 1, T0 + LEASE + 2), REVIEW)
-        .await
-        .unwrap();
+    assert_eq!(store.get(&id).await.unwrap().unwrap().status, Status::OutcomeUnknown);
+    let still = store.claim(&intent("k", 1, T0 + LEASE + 2), REVIEW).await.unwrap();
     assert_eq!(still.decision, Decision::OutcomeUnknown);
-    let retried = store
-        .claim(&intent("k", 1, T0 + LEASE + 3), RETRY)
-        .await
-        .unwrap();
-    assert_eq!(
-        retried.decision,
-        Decision::Execute(ExecuteReason::UnknownRetry)
-    );
+    let retried = store.claim(&intent("k", 1, T0 + LEASE + 3), RETRY).await.unwrap();
+    assert_eq!(retried.decision, Decision::Execute(ExecuteReason::UnknownRetry));
     assert_eq!(retried.record.unwrap().attempt_count, 2);
 }
 
 /// A stale owner can neither renew nor complete once its lease was taken over.
 pub async fn stale_owner_is_fenced_off(store: Arc<dyn Store>) {
     let old = store.claim(&intent("k", 1, T0), RETRY).await.unwrap();
-    let new = store
-        .claim(&intent("k", 1, T0 + LEASE + 1), RETRY)
-        .await
-        .unwrap();
+    let new = store.claim(&intent("k", 1, T0 + LEASE + 1), RETRY).await.unwrap();
     assert!(new.decision.executes());
     let id = RecordId::new("orders", "t1", "k");
     let old_token = old.token.unwrap();
     assert!(!store.renew(&id, old_token, T0 + 10 * LEASE).await.unwrap());
-    assert!(
-        !store
-            .finish(
-                &id,
-                old_token,
-                Outcome::Completed(response(201, "stale")),
-                T0 + LEASE + 2
-            )
-            .await
-            .unwrap()
-    );
+    assert!(!store.finish(&id, old_token, Outcome::Completed(response(201, "stale")), T0 + LEASE + 2).await.unwrap());
     assert!(
         store
-            .finish(
-                &id,
-                new.token.unwrap(),
-                Outcome::Completed(response(201, "fresh")),
-                T0 + LEASE + 3
-            )
+            .finish(&id, new.token.unwrap(), Outcome::Completed(response(201, "fresh")), T0 + LEASE + 3)
             .await
             .unwrap()
     );
@@ -250,14 +169,7 @@ pub async fn stale_owner_is_fenced_off(store: Arc<dyn Store>) {
     // A finished record has no owner left at all.
     assert!(
         !store
-            .finish(
-                &id,
-                new.token.unwrap(),
-                Outcome::Retryable {
-                    error: "late".into()
-                },
-                T0 + LEASE + 4
-            )
+            .finish(&id, new.token.unwrap(), Outcome::Retryable { error: "late".into() }, T0 + LEASE + 4)
             .await
             .unwrap()
     );
@@ -267,59 +179,30 @@ pub async fn stale_owner_is_fenced_off(store: Arc<dyn Store>) {
 pub async fn renew_extends_the_lease(store: Arc<dyn Store>) {
     let claim = store.claim(&intent("k", 1, T0), REVIEW).await.unwrap();
     let id = claim.record.unwrap().id;
-    assert!(
-        store
-            .renew(&id, claim.token.unwrap(), T0 + 3 * LEASE)
-            .await
-            .unwrap()
-    );
-    let dup = store
-        .claim(&intent("k", 1, T0 + 2 * LEASE), REVIEW)
-        .await
-        .unwrap();
+    assert!(store.renew(&id, claim.token.unwrap(), T0 + 3 * LEASE).await.unwrap());
+    let dup = store.claim(&intent("k", 1, T0 + 2 * LEASE), REVIEW).await.unwrap();
     assert_eq!(dup.decision, Decision::InFlight);
-    assert!(
-        !store
-            .renew(&id, claim.token.unwrap() ^ 1, T0 + 4 * LEASE)
-            .await
-            .unwrap()
-    );
+    assert!(!store.renew(&id, claim.token.unwrap() ^ 1, T0 + 4 * LEASE).await.unwrap());
 }
 
 /// A retryable failure releases the key: the next attempt executes (a retry recovery).
 pub async fn retryable_failure_recovers(store: Arc<dyn Store>) {
     let claim = store.claim(&intent("k", 1, T0), REVIEW).await.unwrap();
     let id = claim.record.unwrap().id;
-    let failed = Outcome::Retryable {
-        error: "upstream answered 503".into(),
-    };
-    assert!(
-        store
-            .finish(&id, claim.token.unwrap(), failed, T0 + 1)
-            .await
-            .unwrap()
-    );
+    let failed = Outcome::Retryable { error: "upstream answered 503".into() };
+    assert!(store.finish(&id, claim.token.unwrap(), failed, T0 + 1).await.unwrap());
     let stored = store.get(&id).await.unwrap().unwrap();
     assert_eq!(stored.status, Status::FailedRetryable);
-    assert_eq!(
-        stored.error_summary.as_deref(),
-        Some("upstream answered 503")
-    );
+    assert_eq!(stored.error_summary.as_deref(), Some("upstream answered 503"));
     let again = store.claim(&intent("k", 1, T0 + 2), REVIEW).await.unwrap();
-    assert_eq!(
-        again.decision,
-        Decision::Execute(ExecuteReason::RetryRecovery)
-    );
+    assert_eq!(again.decision, Decision::Execute(ExecuteReason::RetryRecovery));
     assert_eq!(again.record.unwrap().attempt_count, 2);
 }
 
 /// After its TTL a record no longer counts: the key executes again, even with another payload.
 pub async fn expired_record_is_claimed_anew(store: Arc<dyn Store>) {
     complete(store.as_ref(), "k", T0).await;
-    let later = store
-        .claim(&intent("k", 2, T0 + TTL + 1), REVIEW)
-        .await
-        .unwrap();
+    let later = store.claim(&intent("k", 2, T0 + TTL + 1), REVIEW).await.unwrap();
     assert_eq!(later.decision, Decision::Execute(ExecuteReason::Expired));
     let record = later.record.unwrap();
     assert_eq!((record.attempt_count, record.created_at), (1, T0 + TTL + 1));
@@ -333,55 +216,20 @@ pub async fn purge_removes_only_expired(store: Arc<dyn Store>) {
     complete(store.as_ref(), "new", T0 + TTL).await;
     // An action that outlives its TTL keeps its record while its lease lives.
     let slow = store.claim(&intent("slow", 1, T0), REVIEW).await.unwrap();
-    store
-        .renew(&slow.record.unwrap().id, slow.token.unwrap(), T0 + 2 * TTL)
-        .await
-        .unwrap();
+    store.renew(&slow.record.unwrap().id, slow.token.unwrap(), T0 + 2 * TTL).await.unwrap();
     assert_eq!(store.purge_expired(T0 + TTL + 1, 3).await.unwrap(), 3);
     assert_eq!(store.purge_expired(T0 + TTL + 1, 3).await.unwrap(), 2);
     assert_eq!(store.purge_expired(T0 + TTL + 1, 3).await.unwrap(), 0);
-    assert!(
-        store
-            .get(&RecordId::new("orders", "t1", "new"))
-            .await
-            .unwrap()
-            .is_some()
-    );
-    assert!(
-        store
-            .get(&RecordId::new("orders", "t1", "slow"))
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(store.get(&RecordId::new("orders", "t1", "new")).await.unwrap().is_some());
+    assert!(store.get(&RecordId::new("orders", "t1", "slow")).await.unwrap().is_some());
 }
 
 /// A completed record whose answer was too large is never executed again, nor replayed.
 pub async fn unretained_response_is_gone(store: Arc<dyn Store>) {
     let claim = store.claim(&intent("k", 1, T0), REVIEW).await.unwrap();
-    let big = StoredResponse {
-        status: 200,
-        headers: vec![],
-        body: Bytes::new(),
-        retained: false,
-    };
-    store
-        .finish(
-            &claim.record.unwrap().id,
-            claim.token.unwrap(),
-            Outcome::Completed(big),
-            T0,
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .claim(&intent("k", 1, T0 + 1), REVIEW)
-            .await
-            .unwrap()
-            .decision,
-        Decision::NotRetained
-    );
+    let big = StoredResponse { status: 200, headers: vec![], body: Bytes::new(), retained: false };
+    store.finish(&claim.record.unwrap().id, claim.token.unwrap(), Outcome::Completed(big), T0).await.unwrap();
+    assert_eq!(store.claim(&intent("k", 1, T0 + 1), REVIEW).await.unwrap().decision, Decision::NotRetained);
 }
 
 /// Listing is newest first, filtered and paginated with an opaque cursor.
@@ -389,18 +237,8 @@ pub async fn list_pages_newest_first(store: Arc<dyn Store>) {
     for i in 0..7 {
         complete(store.as_ref(), &format!("key-{i}"), T0 + i).await;
     }
-    store
-        .claim(
-            &intent_for(RecordId::new("refunds", "t1", "key-x"), 1, T0 + 100),
-            REVIEW,
-        )
-        .await
-        .unwrap();
-    let mut query = ListQuery {
-        scope: Some("orders".into()),
-        limit: 3,
-        ..Default::default()
-    };
+    store.claim(&intent_for(RecordId::new("refunds", "t1", "key-x"), 1, T0 + 100), REVIEW).await.unwrap();
+    let mut query = ListQuery { scope: Some("orders".into()), limit: 3, ..Default::default() };
     let mut seen = Vec::new();
     loop {
         let page = store.list(&query).await.unwrap();
@@ -412,25 +250,13 @@ pub async fn list_pages_newest_first(store: Arc<dyn Store>) {
     }
     let expected: Vec<String> = (0..7).rev().map(|i| format!("key-{i}")).collect();
     assert_eq!(seen, expected);
-    let in_progress = ListQuery {
-        status: Some(Status::InProgress),
-        limit: 10,
-        ..Default::default()
-    };
+    let in_progress = ListQuery { status: Some(Status::InProgress), limit: 10, ..Default::default() };
     let page = store.list(&in_progress).await.unwrap();
     assert_eq!(page.records.len(), 1);
     assert_eq!(page.records[0].id.scope, "refunds");
-    let prefixed = ListQuery {
-        key_prefix: Some("key-1".into()),
-        limit: 10,
-        ..Default::default()
-    };
+    let prefixed = ListQuery { key_prefix: Some("key-1".into()), limit: 10, ..Default::default() };
     assert_eq!(store.list(&prefixed).await.unwrap().records.len(), 1);
-    let other_tenant = ListQuery {
-        tenant: Some("t2".into()),
-        limit: 10,
-        ..Default::default()
-    };
+    let other_tenant = ListQuery { tenant: Some("t2".into()), limit: 10, ..Default::default() };
     assert!(store.list(&other_tenant).await.unwrap().records.is_empty());
 }
 
@@ -449,53 +275,22 @@ pub async fn delete_forgets(store: Arc<dyn Store>) {
 pub async fn resolve_settles_unknown(store: Arc<dyn Store>) {
     for key in ["a", "b"] {
         store.claim(&intent(key, 1, T0), REVIEW).await.unwrap();
-        store
-            .claim(&intent(key, 1, T0 + LEASE + 1), REVIEW)
-            .await
-            .unwrap();
+        store.claim(&intent(key, 1, T0 + LEASE + 1), REVIEW).await.unwrap();
     }
     let a = RecordId::new("orders", "t1", "a");
-    let released = store
-        .resolve(&a, Resolution::Release, T0 + LEASE + 2)
-        .await
-        .unwrap();
+    let released = store.resolve(&a, Resolution::Release, T0 + LEASE + 2).await.unwrap();
     assert_eq!(released.status, Status::FailedRetryable);
-    let next = store
-        .claim(&intent("a", 1, T0 + LEASE + 3), REVIEW)
-        .await
-        .unwrap();
-    assert_eq!(
-        next.decision,
-        Decision::Execute(ExecuteReason::RetryRecovery)
-    );
+    let next = store.claim(&intent("a", 1, T0 + LEASE + 3), REVIEW).await.unwrap();
+    assert_eq!(next.decision, Decision::Execute(ExecuteReason::RetryRecovery));
     let b = RecordId::new("orders", "t1", "b");
-    let settled = store
-        .resolve(
-            &b,
-            Resolution::Complete(response(201, "manual")),
-            T0 + LEASE + 2,
-        )
-        .await
-        .unwrap();
+    let settled = store.resolve(&b, Resolution::Complete(response(201, "manual")), T0 + LEASE + 2).await.unwrap();
     assert_eq!(settled.status, Status::Completed);
-    let replay = store
-        .claim(&intent("b", 1, T0 + LEASE + 3), REVIEW)
-        .await
-        .unwrap();
+    let replay = store.claim(&intent("b", 1, T0 + LEASE + 3), REVIEW).await.unwrap();
     assert_eq!(replay.decision, Decision::Replay);
-    assert_eq!(
-        replay.record.unwrap().response.unwrap().body,
-        Bytes::from_static(b"manual")
-    );
+    assert_eq!(replay.record.unwrap().response.unwrap().body, Bytes::from_static(b"manual"));
     let again = store.resolve(&b, Resolution::Release, T0 + LEASE + 4).await;
     assert!(matches!(again, Err(Error::NotResolvable(_))), "{again:?}");
-    let missing = store
-        .resolve(
-            &RecordId::new("orders", "t1", "none"),
-            Resolution::Release,
-            T0,
-        )
-        .await;
+    let missing = store.resolve(&RecordId::new("orders", "t1", "none"), Resolution::Release, T0).await;
     assert!(matches!(missing, Err(Error::NotFound)), "{missing:?}");
 }
 
@@ -504,20 +299,9 @@ pub async fn stats_count_by_scope_and_status(store: Arc<dyn Store>) {
     complete(store.as_ref(), "a", T0).await;
     complete(store.as_ref(), "b", T0).await;
     store.claim(&intent("c", 1, T0), REVIEW).await.unwrap();
-    store
-        .claim(
-            &intent_for(RecordId::new("refunds", "t9", "x"), 1, T0),
-            REVIEW,
-        )
-        .await
-        .unwrap();
-    let mut stats: Vec<(String, Status, u64)> = store
-        .stats()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| (s.scope, s.status, s.count))
-        .collect();
+    store.claim(&intent_for(RecordId::new("refunds", "t9", "x"), 1, T0), REVIEW).await.unwrap();
+    let mut stats: Vec<(String, Status, u64)> =
+        store.stats().await.unwrap().into_iter().map(|s| (s.scope, s.status, s.count)).collect();
     stats.sort();
     assert_eq!(
         stats,
@@ -533,23 +317,9 @@ pub async fn stats_count_by_scope_and_status(store: Arc<dyn Store>) {
 pub async fn tenants_never_meet(store: Arc<dyn Store>) {
     let a = RecordId::new("orders", "tenant-a", "k");
     let b = RecordId::new("orders", "tenant-b", "k");
-    let first = store
-        .claim(&intent_for(a.clone(), 1, T0), REVIEW)
-        .await
-        .unwrap();
-    store
-        .finish(
-            &a,
-            first.token.unwrap(),
-            Outcome::Completed(response(201, "a's answer")),
-            T0,
-        )
-        .await
-        .unwrap();
-    let other = store
-        .claim(&intent_for(b.clone(), 2, T0 + 1), REVIEW)
-        .await
-        .unwrap();
+    let first = store.claim(&intent_for(a.clone(), 1, T0), REVIEW).await.unwrap();
+    store.finish(&a, first.token.unwrap(), Outcome::Completed(response(201, "a's answer")), T0).await.unwrap();
+    let other = store.claim(&intent_for(b.clone(), 2, T0 + 1), REVIEW).await.unwrap();
     assert_eq!(other.decision, Decision::Execute(ExecuteReason::New));
     assert!(store.delete(&b).await.unwrap());
     assert!(store.get(&a).await.unwrap().is_some());
@@ -560,21 +330,12 @@ pub async fn responses_round_trip_exactly(store: Arc<dyn Store>) {
     let claim = store.claim(&intent("k", 1, T0), REVIEW).await.unwrap();
     let answer = StoredResponse {
         status: 418,
-        headers: vec![
-            ("x-b".into(), "2".into()),
-            ("x-a".into(), "1".into()),
-            ("x-a".into(), "caf\u{e9}".into()),
-        ],
+        headers: vec![("x-b".into(), "2".into()), ("x-a".into(), "1".into()), ("x-a".into(), "caf\u{e9}".into())],
         body: Bytes::from(vec![0u8, 159, 146, 150, 255]),
         retained: true,
     };
     store
-        .finish(
-            &claim.record.unwrap().id,
-            claim.token.unwrap(),
-            Outcome::Completed(answer.clone()),
-            T0,
-        )
+        .finish(&claim.record.unwrap().id, claim.token.unwrap(), Outcome::Completed(answer.clone()), T0)
         .await
         .unwrap();
     let replay = store.claim(&intent("k", 1, T0 + 1), REVIEW).await.unwrap();

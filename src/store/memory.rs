@@ -8,8 +8,8 @@ use async_trait::async_trait;
 
 use super::{Claim, Cursor, Error, ListQuery, MAX_PAGE, Page, StatRow, Store, new_token};
 use crate::core::{
-    ClaimPolicy, Intent, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status,
-    Transition, decide, resolve, transition,
+    ClaimPolicy, Intent, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status, Transition, decide,
+    resolve, transition,
 };
 
 /// Records in a map behind one mutex: every operation is atomic by construction.
@@ -22,9 +22,7 @@ impl MemoryStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<RecordId, Record>> {
         // A panic elsewhere cannot leave a record half-written: every update is a whole
         // insert, so the map stays usable after poisoning.
-        self.records
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -38,10 +36,7 @@ pub(crate) fn matches(query: &ListQuery, record: &Record) -> bool {
     query.scope.as_ref().is_none_or(|s| &record.id.scope == s)
         && query.tenant.as_ref().is_none_or(|t| &record.id.tenant == t)
         && query.status.is_none_or(|s| record.status == s)
-        && query
-            .key_prefix
-            .as_ref()
-            .is_none_or(|p| record.id.key.starts_with(p.as_str()))
+        && query.key_prefix.as_ref().is_none_or(|p| record.id.key.starts_with(p.as_str()))
         && query.cursor.as_ref().is_none_or(|c| c.precedes(record))
 }
 
@@ -51,15 +46,8 @@ pub(crate) fn page(mut records: Vec<Record>, limit: usize) -> Page {
     let limit = limit.clamp(1, MAX_PAGE);
     let more = records.len() > limit;
     records.truncate(limit);
-    let next_cursor = if more {
-        records.last().map(|r| Cursor::after(r).encode())
-    } else {
-        None
-    };
-    Page {
-        records,
-        next_cursor,
-    }
+    let next_cursor = if more { records.last().map(|r| Cursor::after(r).encode()) } else { None };
+    Page { records, next_cursor }
 }
 
 #[async_trait]
@@ -76,38 +64,21 @@ impl Store for MemoryStore {
                 Some(record)
             }
         };
-        Ok(Claim {
-            decision,
-            record,
-            token,
-        })
+        Ok(Claim { decision, record, token })
     }
 
-    async fn renew(
-        &self,
-        id: &RecordId,
-        token: LeaseToken,
-        locked_until: Millis,
-    ) -> Result<bool, Error> {
+    async fn renew(&self, id: &RecordId, token: LeaseToken, locked_until: Millis) -> Result<bool, Error> {
         let mut records = self.lock();
         match records.get_mut(id) {
             Some(record) if owns(record, token) => {
-                record.lease = record
-                    .lease
-                    .map(|l| crate::core::Lease { locked_until, ..l });
+                record.lease = record.lease.map(|l| crate::core::Lease { locked_until, ..l });
                 Ok(true)
             }
             _ => Ok(false),
         }
     }
 
-    async fn finish(
-        &self,
-        id: &RecordId,
-        token: LeaseToken,
-        outcome: Outcome,
-        now: Millis,
-    ) -> Result<bool, Error> {
+    async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome, now: Millis) -> Result<bool, Error> {
         let mut records = self.lock();
         match records.get_mut(id) {
             Some(record) if owns(record, token) => {
@@ -123,12 +94,7 @@ impl Store for MemoryStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Page, Error> {
-        let mut found: Vec<Record> = self
-            .lock()
-            .values()
-            .filter(|r| matches(query, r))
-            .cloned()
-            .collect();
+        let mut found: Vec<Record> = self.lock().values().filter(|r| matches(query, r)).cloned().collect();
         found.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
         Ok(page(found, query.limit))
     }
@@ -137,12 +103,7 @@ impl Store for MemoryStore {
         Ok(self.lock().remove(id).is_some())
     }
 
-    async fn resolve(
-        &self,
-        id: &RecordId,
-        resolution: Resolution,
-        now: Millis,
-    ) -> Result<Record, Error> {
+    async fn resolve(&self, id: &RecordId, resolution: Resolution, now: Millis) -> Result<Record, Error> {
         let mut records = self.lock();
         let record = records.get_mut(id).ok_or(Error::NotFound)?;
         *record = resolve(record, resolution, now)?;
@@ -151,12 +112,8 @@ impl Store for MemoryStore {
 
     async fn purge_expired(&self, now: Millis, limit: usize) -> Result<u64, Error> {
         let mut records = self.lock();
-        let expired: Vec<RecordId> = records
-            .values()
-            .filter(|r| r.is_expired(now))
-            .take(limit)
-            .map(|r| r.id.clone())
-            .collect();
+        let expired: Vec<RecordId> =
+            records.values().filter(|r| r.is_expired(now)).take(limit).map(|r| r.id.clone()).collect();
         for id in &expired {
             records.remove(id);
         }
@@ -166,18 +123,9 @@ impl Store for MemoryStore {
     async fn stats(&self) -> Result<Vec<StatRow>, Error> {
         let mut counts: BTreeMap<(String, Status), u64> = BTreeMap::new();
         for record in self.lock().values() {
-            *counts
-                .entry((record.id.scope.clone(), record.status))
-                .or_default() += 1;
+            *counts.entry((record.id.scope.clone(), record.status)).or_default() += 1;
         }
-        Ok(counts
-            .into_iter()
-            .map(|((scope, status), count)| StatRow {
-                scope,
-                status,
-                count,
-            })
-            .collect())
+        Ok(counts.into_iter().map(|((scope, status), count)| StatRow { scope, status, count }).collect())
     }
 }
 

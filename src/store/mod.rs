@@ -10,8 +10,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::core::{
-    ClaimPolicy, Decision, Intent, LeaseToken, Millis, NotResolvable, Outcome, Record, RecordId,
-    Resolution, Status,
+    ClaimPolicy, Decision, Intent, LeaseToken, Millis, NotResolvable, Outcome, Record, RecordId, Resolution, Status,
 };
 
 pub mod conformance;
@@ -36,9 +35,7 @@ pub enum Error {
         reason: String,
     },
     /// The store was written by a newer idem and is left untouched.
-    #[error(
-        "the store's schema version {found} is newer than this idem understands ({supported}); upgrade idem"
-    )]
+    #[error("the store's schema version {found} is newer than this idem understands ({supported}); upgrade idem")]
     TooNew {
         /// The version found.
         found: i64,
@@ -113,10 +110,7 @@ pub struct Cursor {
 impl Cursor {
     /// The cursor after `record`.
     pub fn after(record: &Record) -> Self {
-        Self {
-            created_at: record.created_at,
-            id: record.id.clone(),
-        }
+        Self { created_at: record.created_at, id: record.id.clone() }
     }
 
     /// An opaque URL-safe token.
@@ -129,9 +123,7 @@ impl Cursor {
     /// Reads a token made by [`Cursor::encode`].
     pub fn decode(token: &str) -> Option<Self> {
         use base64::Engine;
-        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(token)
-            .ok()?;
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).ok()?;
         serde_json::from_slice(&json).ok()
     }
 
@@ -160,22 +152,11 @@ pub trait Store: Send + Sync + 'static {
     async fn claim(&self, intent: &Intent, policy: ClaimPolicy) -> Result<Claim, Error>;
 
     /// Extends a lease. `false` when `token` no longer owns the record (fencing).
-    async fn renew(
-        &self,
-        id: &RecordId,
-        token: LeaseToken,
-        locked_until: Millis,
-    ) -> Result<bool, Error>;
+    async fn renew(&self, id: &RecordId, token: LeaseToken, locked_until: Millis) -> Result<bool, Error>;
 
     /// Ends a lease with its outcome. `false` when `token` no longer owns the record: a
     /// stale owner can never complete.
-    async fn finish(
-        &self,
-        id: &RecordId,
-        token: LeaseToken,
-        outcome: Outcome,
-        now: Millis,
-    ) -> Result<bool, Error>;
+    async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome, now: Millis) -> Result<bool, Error>;
 
     /// One record.
     async fn get(&self, id: &RecordId) -> Result<Option<Record>, Error>;
@@ -187,12 +168,7 @@ pub trait Store: Send + Sync + 'static {
     async fn delete(&self, id: &RecordId) -> Result<bool, Error>;
 
     /// Settles an `outcome_unknown` (or `needs_review`) record.
-    async fn resolve(
-        &self,
-        id: &RecordId,
-        resolution: Resolution,
-        now: Millis,
-    ) -> Result<Record, Error>;
+    async fn resolve(&self, id: &RecordId, resolution: Resolution, now: Millis) -> Result<Record, Error>;
 
     /// Removes up to `limit` expired records; returns how many.
     async fn purge_expired(&self, now: Millis, limit: usize) -> Result<u64, Error>;
@@ -203,22 +179,17 @@ pub trait Store: Send + Sync + 'static {
 
 /// Opens the store a URL names: `sqlite://PATH`, `memory://`.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
-    let bad = |reason: &str| Error::BadUrl {
-        url: url.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| bad("expected SCHEME://…, e.g. sqlite://./idem.db"))?;
+    let bad = |reason: &str| Error::BadUrl { url: url.to_owned(), reason: reason.to_owned() };
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("expected SCHEME://…, e.g. sqlite://./idem.db"))?;
     match scheme {
         "memory" => Ok(Arc::new(memory::MemoryStore::default())),
         "sqlite" => {
             let options = sqlite::Options::from_url_rest(rest).map_err(|reason| bad(&reason))?;
             Ok(Arc::new(sqlite::SqliteStore::open(options).await?))
         }
-        "postgres" | "postgresql" | "redis" | "rediss" => Err(bad(
-            "this build of idem has no PostgreSQL or Redis store yet; use sqlite://PATH",
-        )),
+        "postgres" | "postgresql" | "redis" | "rediss" => {
+            Err(bad("this build of idem has no PostgreSQL or Redis store yet; use sqlite://PATH"))
+        }
         _ => Err(bad("unknown scheme; use sqlite://PATH or memory://")),
     }
 }
@@ -231,8 +202,6 @@ pub fn new_token() -> LeaseToken {
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn now_millis() -> Millis {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     crate::core::units::millis(since)
 }

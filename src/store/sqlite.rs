@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::memory::{owns, page};
 use super::{Claim, Error, ListQuery, MAX_PAGE, Page, StatRow, Store, new_token};
 use crate::core::{
-    ClaimPolicy, Fingerprint, Intent, Lease, LeaseToken, Millis, Outcome, Record, RecordId,
-    Resolution, Status, StoredResponse, Transition, decide, resolve, transition,
+    ClaimPolicy, Fingerprint, Intent, Lease, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status,
+    StoredResponse, Transition, decide, resolve, transition,
 };
 
 /// The schema version this build writes. A file with a higher `user_version` is refused.
@@ -91,16 +91,11 @@ impl Options {
                 "synchronous=full" => Synchronous::Full,
                 "synchronous=normal" => Synchronous::Normal,
                 other => {
-                    return Err(format!(
-                        "unknown option {other:?}; the only option is synchronous=full|normal"
-                    ));
+                    return Err(format!("unknown option {other:?}; the only option is synchronous=full|normal"));
                 }
             };
         }
-        Ok(Self {
-            path: PathBuf::from(path),
-            synchronous,
-        })
+        Ok(Self { path: PathBuf::from(path), synchronous })
     }
 }
 
@@ -133,10 +128,7 @@ impl Readers {
             None => connect(&self.options)?,
         };
         let result = f(&conn);
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(conn);
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
         result
     }
 }
@@ -152,30 +144,20 @@ fn connect(options: &Options) -> Result<Connection, Error> {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
     };
-    conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(unavailable)?;
-    conn.execute_batch(&format!(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};"
-    ))
-    .map_err(|e| Error::Unavailable(format!("cannot use {}: {e}", options.path.display())))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(unavailable)?;
+    conn.execute_batch(&format!("PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};"))
+        .map_err(|e| Error::Unavailable(format!("cannot use {}: {e}", options.path.display())))?;
     Ok(conn)
 }
 
 fn migrate(conn: &Connection) -> Result<(), Error> {
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(unavailable)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(unavailable)?;
     if version > SCHEMA_VERSION {
-        return Err(Error::TooNew {
-            found: version,
-            supported: SCHEMA_VERSION,
-        });
+        return Err(Error::TooNew { found: version, supported: SCHEMA_VERSION });
     }
     if version < SCHEMA_VERSION {
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-        ))
-        .map_err(unavailable)?;
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))
+            .map_err(unavailable)?;
     }
     Ok(())
 }
@@ -196,13 +178,7 @@ impl SqliteStore {
             .name("idem-sqlite-writer".into())
             .spawn(move || write_loop(conn, jobs))
             .map_err(unavailable)?;
-        Ok(Self {
-            writer,
-            readers: Arc::new(Readers {
-                options,
-                idle: Mutex::new(Vec::new()),
-            }),
-        })
+        Ok(Self { writer, readers: Arc::new(Readers { options, idle: Mutex::new(Vec::new()) }) })
     }
 
     async fn read<T: Send + 'static>(
@@ -210,9 +186,7 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
         let readers = self.readers.clone();
-        tokio::task::spawn_blocking(move || readers.with(f))
-            .await
-            .map_err(unavailable)?
+        tokio::task::spawn_blocking(move || readers.with(f)).await.map_err(unavailable)?
     }
 
     async fn write<T: Send + 'static>(
@@ -221,21 +195,15 @@ impl SqliteStore {
     ) -> Result<T, Error> {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
-            let result = conn
-                .map_err(|reason| Error::Unavailable(reason.to_owned()))
-                .and_then(f);
+            let result = conn.map_err(|reason| Error::Unavailable(reason.to_owned())).and_then(f);
             let ok = result.is_ok();
             let deliver: Deliver = Box::new(move |commit| {
                 let _ = reply.send(commit.map_err(Error::Unavailable).and(result));
             });
             (ok, deliver)
         });
-        self.writer
-            .send(job)
-            .map_err(|_| Error::Unavailable("the writer thread stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| Error::Unavailable("the writer thread stopped".into()))?
+        self.writer.send(job).map_err(|_| Error::Unavailable("the writer thread stopped".into()))?;
+        answer.await.map_err(|_| Error::Unavailable("the writer thread stopped".into()))?
     }
 
     /// Counts a replay without waiting for it: losing the count loses no decision.
@@ -280,17 +248,11 @@ fn write_loop(conn: Connection, mut jobs: mpsc::UnboundedReceiver<Job>) {
         for job in group {
             let _ = conn.execute_batch("SAVEPOINT op");
             let (ok, deliver) = job(Ok(&conn));
-            let end = if ok {
-                "RELEASE op"
-            } else {
-                "ROLLBACK TO op; RELEASE op"
-            };
+            let end = if ok { "RELEASE op" } else { "ROLLBACK TO op; RELEASE op" };
             let _ = conn.execute_batch(end);
             delivers.push(deliver);
         }
-        let commit = conn
-            .execute_batch("COMMIT")
-            .map_err(|e| format!("commit failed: {e}"));
+        let commit = conn.execute_batch("COMMIT").map_err(|e| format!("commit failed: {e}"));
         if commit.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
@@ -302,23 +264,15 @@ fn write_loop(conn: Connection, mut jobs: mpsc::UnboundedReceiver<Job>) {
 
 fn load(conn: &Connection, id: &RecordId) -> Result<Option<Record>, Error> {
     let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM records WHERE scope = ?1 AND tenant = ?2 AND key = ?3"
-        ))
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM records WHERE scope = ?1 AND tenant = ?2 AND key = ?3"))
         .map_err(unavailable)?;
-    let row = stmt
-        .query_row(params![id.scope, id.tenant, id.key], read_row)
-        .optional()
-        .map_err(unavailable)?;
+    let row = stmt.query_row(params![id.scope, id.tenant, id.key], read_row).optional().map_err(unavailable)?;
     row.transpose()
 }
 
 fn save(conn: &Connection, r: &Record) -> Result<(), Error> {
     let response = r.response.as_ref();
-    let headers = response
-        .map(|resp| serde_json::to_string(&resp.headers))
-        .transpose()
-        .map_err(unavailable)?;
+    let headers = response.map(|resp| serde_json::to_string(&resp.headers)).transpose().map_err(unavailable)?;
     conn.prepare_cached(&format!(
         "INSERT OR REPLACE INTO records ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
     ))
@@ -359,11 +313,7 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, Error>> {
     let resp_headers: Option<String> = row.get(8)?;
     let resp_body: Option<Vec<u8>> = row.get(9)?;
     let resp_retained: Option<bool> = row.get(10)?;
-    let id = RecordId::new(
-        row.get::<_, String>(0)?,
-        row.get::<_, String>(1)?,
-        row.get::<_, String>(2)?,
-    );
+    let id = RecordId::new(row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?);
     let corrupt = |what: &str| Err(Error::Corrupt(format!("{id}: {what}")));
     let Some(fingerprint) = Fingerprint::from_hex(&fingerprint) else {
         return Ok(corrupt("bad fingerprint"));
@@ -388,10 +338,7 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, Error>> {
     Ok(Ok(Record {
         fingerprint,
         status,
-        lease: token.zip(locked_until).map(|(t, until)| Lease {
-            token: t as u64,
-            locked_until: until,
-        }),
+        lease: token.zip(locked_until).map(|(t, until)| Lease { token: t as u64, locked_until: until }),
         response,
         created_at: row.get(11)?,
         last_seen_at: row.get(12)?,
@@ -431,19 +378,11 @@ impl Store for SqliteStore {
         let decision = decide(existing.as_ref(), intent, policy);
         match transition(decision, existing.as_ref(), intent, 0) {
             Transition::None => {
-                return Ok(Claim {
-                    decision,
-                    record: existing,
-                    token: None,
-                });
+                return Ok(Claim { decision, record: existing, token: None });
             }
             Transition::Touch(record) => {
                 self.touch(record.id.clone(), intent.now);
-                return Ok(Claim {
-                    decision,
-                    record: Some(record),
-                    token: None,
-                });
+                return Ok(Claim { decision, record: Some(record), token: None });
             }
             Transition::Write(_) => {}
         }
@@ -453,51 +392,26 @@ impl Store for SqliteStore {
             let existing = load(conn, &intent.id)?;
             let decision = decide(existing.as_ref(), &intent, policy);
             let token = decision.executes().then(new_token);
-            let record = match transition(decision, existing.as_ref(), &intent, token.unwrap_or(0))
-            {
+            let record = match transition(decision, existing.as_ref(), &intent, token.unwrap_or(0)) {
                 Transition::None => existing,
                 Transition::Touch(record) | Transition::Write(record) => {
                     save(conn, &record)?;
                     Some(record)
                 }
             };
-            Ok(Claim {
-                decision,
-                record,
-                token,
-            })
+            Ok(Claim { decision, record, token })
         })
         .await
     }
 
-    async fn renew(
-        &self,
-        id: &RecordId,
-        token: LeaseToken,
-        locked_until: Millis,
-    ) -> Result<bool, Error> {
+    async fn renew(&self, id: &RecordId, token: LeaseToken, locked_until: Millis) -> Result<bool, Error> {
         let id = id.clone();
-        self.write(move |conn| {
-            update_owned(conn, &id, token, |r| {
-                r.lease = Some(Lease {
-                    token,
-                    locked_until,
-                })
-            })
-        })
-        .await
+        self.write(move |conn| update_owned(conn, &id, token, |r| r.lease = Some(Lease { token, locked_until }))).await
     }
 
-    async fn finish(
-        &self,
-        id: &RecordId,
-        token: LeaseToken,
-        outcome: Outcome,
-        now: Millis,
-    ) -> Result<bool, Error> {
+    async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome, now: Millis) -> Result<bool, Error> {
         let id = id.clone();
-        self.write(move |conn| update_owned(conn, &id, token, |r| outcome.apply(r, now)))
-            .await
+        self.write(move |conn| update_owned(conn, &id, token, |r| outcome.apply(r, now))).await
     }
 
     async fn get(&self, id: &RecordId) -> Result<Option<Record>, Error> {
@@ -521,12 +435,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn resolve(
-        &self,
-        id: &RecordId,
-        resolution: Resolution,
-        now: Millis,
-    ) -> Result<Record, Error> {
+    async fn resolve(&self, id: &RecordId, resolution: Resolution, now: Millis) -> Result<Record, Error> {
         let id = id.clone();
         self.write(move |conn| {
             let record = load(conn, &id)?.ok_or(Error::NotFound)?;
@@ -554,7 +463,9 @@ impl Store for SqliteStore {
     async fn stats(&self) -> Result<Vec<StatRow>, Error> {
         self.read(|conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT scope, status, COUNT(*) FROM records GROUP BY scope, status ORDER BY scope, status")
+                .prepare_cached(
+                    "SELECT scope, status, COUNT(*) FROM records GROUP BY scope, status ORDER BY scope, status",
+                )
                 .map_err(unavailable)?;
             let rows = stmt
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
@@ -582,10 +493,7 @@ fn list(conn: &Connection, query: &ListQuery) -> Result<Page, Error> {
     };
     filter("scope = ?", query.scope.clone().map(SqlValue::Text));
     filter("tenant = ?", query.tenant.clone().map(SqlValue::Text));
-    filter(
-        "status = ?",
-        query.status.map(|s| SqlValue::Text(s.as_str().into())),
-    );
+    filter("status = ?", query.status.map(|s| SqlValue::Text(s.as_str().into())));
     if let Some(prefix) = &query.key_prefix {
         clauses.push("substr(key, 1, ?) = ?");
         args.push(SqlValue::Integer(prefix.len() as i64));
@@ -599,19 +507,13 @@ fn list(conn: &Connection, query: &ListQuery) -> Result<Page, Error> {
         args.push(SqlValue::Text(cursor.id.key.clone()));
     }
     let limit = query.limit.clamp(1, MAX_PAGE);
-    let where_sql = if clauses.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", clauses.join(" AND "))
-    };
+    let where_sql = if clauses.is_empty() { String::new() } else { format!("WHERE {}", clauses.join(" AND ")) };
     let sql = format!(
         "SELECT {COLUMNS} FROM records {where_sql} ORDER BY created_at DESC, scope DESC, tenant DESC, key DESC LIMIT {}",
         limit + 1
     );
     let mut stmt = conn.prepare(&sql).map_err(unavailable)?;
-    let rows = stmt
-        .query_map(rusqlite::params_from_iter(args), read_row)
-        .map_err(unavailable)?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(args), read_row).map_err(unavailable)?;
     let mut records = Vec::new();
     for row in rows {
         records.push(row.map_err(unavailable)??);
@@ -628,59 +530,27 @@ mod tests {
         let path = dir.path().join("idem.db");
         // The directory must outlive the store; tests are short, so leak it.
         std::mem::forget(dir);
-        SqliteStore::open(Options {
-            path,
-            synchronous: Synchronous::Normal,
-        })
-        .await
-        .unwrap()
+        SqliteStore::open(Options { path, synchronous: Synchronous::Normal }).await.unwrap()
     });
 
     #[test]
     fn url_options() {
         let o = Options::from_url_rest("./idem.db").unwrap();
-        assert_eq!(
-            (o.path.to_str().unwrap(), o.synchronous),
-            ("./idem.db", Synchronous::Full)
-        );
+        assert_eq!((o.path.to_str().unwrap(), o.synchronous), ("./idem.db", Synchronous::Full));
         let o = Options::from_url_rest("/var/lib/idem.db?synchronous=normal").unwrap();
         assert_eq!(o.synchronous, Synchronous::Normal);
         assert!(Options::from_url_rest("").is_err());
-        assert!(
-            Options::from_url_rest("x.db?fast=yes")
-                .unwrap_err()
-                .contains("fast=yes")
-        );
+        assert!(Options::from_url_rest("x.db?fast=yes").unwrap_err().contains("fast=yes"));
     }
 
     #[tokio::test]
     async fn newer_schema_is_refused_untouched() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("idem.db");
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch("PRAGMA user_version = 99;")
-            .unwrap();
-        let err = SqliteStore::open(Options {
-            path: path.clone(),
-            synchronous: Synchronous::Full,
-        })
-        .await
-        .err();
-        assert!(
-            matches!(
-                err,
-                Some(Error::TooNew {
-                    found: 99,
-                    supported: SCHEMA_VERSION
-                })
-            ),
-            "{err:?}"
-        );
-        let version: i64 = Connection::open(&path)
-            .unwrap()
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
+        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99;").unwrap();
+        let err = SqliteStore::open(Options { path: path.clone(), synchronous: Synchronous::Full }).await.err();
+        assert!(matches!(err, Some(Error::TooNew { found: 99, supported: SCHEMA_VERSION })), "{err:?}");
+        let version: i64 = Connection::open(&path).unwrap().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, 99);
     }
 }

@@ -7,6 +7,7 @@
 //! neighbours. Reads (and decisions that write nothing durable, such as a replay) use a
 //! small pool of read connections and never wait for the writer.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -112,6 +113,8 @@ pub struct SqliteStore {
     /// queue is drained, so every accepted write is committed or answered with an error.
     writer: mpsc::UnboundedSender<Job>,
     readers: Arc<Readers>,
+    /// Replay counts waiting for the next flush (see [`SqliteStore::touch`]).
+    touches: Arc<Touches>,
 }
 
 /// Read connections, opened on demand and kept for reuse.
@@ -178,7 +181,9 @@ impl SqliteStore {
             .name("idem-sqlite-writer".into())
             .spawn(move || write_loop(conn, jobs))
             .map_err(unavailable)?;
-        Ok(Self { writer, readers: Arc::new(Readers { options, idle: Mutex::new(Vec::new()) }) })
+        let touches = Arc::new(Touches::default());
+        tokio::spawn(flush_touches(Arc::downgrade(&touches), writer.clone()));
+        Ok(Self { writer, readers: Arc::new(Readers { options, idle: Mutex::new(Vec::new()) }), touches })
     }
 
     async fn read<T: Send + 'static>(
@@ -207,21 +212,49 @@ impl SqliteStore {
     }
 
     /// Counts a replay without waiting for it: losing the count loses no decision.
+    /// Counts are summed in memory and written once per [`TOUCH_FLUSH`], so a hot key
+    /// replayed thousands of times a second costs one row update a second.
     fn touch(&self, id: RecordId, now: Millis) {
+        let mut pending = self.touches.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = pending.entry(id).or_insert((0, now));
+        entry.0 += 1;
+        entry.1 = entry.1.max(now);
+    }
+}
+
+/// How often summed replay counts are written.
+const TOUCH_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Replay counts not yet written: id -> (replays, last seen).
+type Touches = Mutex<HashMap<RecordId, (u64, Millis)>>;
+
+/// Writes summed replay counts every [`TOUCH_FLUSH`] until the store is dropped.
+async fn flush_touches(touches: std::sync::Weak<Touches>, writer: mpsc::UnboundedSender<Job>) {
+    loop {
+        tokio::time::sleep(TOUCH_FLUSH).await;
+        let Some(touches) = touches.upgrade() else { return };
+        let batch: Vec<(RecordId, (u64, Millis))> =
+            std::mem::take(&mut *touches.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
+        if batch.is_empty() {
+            continue;
+        }
         let job: Job = Box::new(move |conn| {
-            let Ok(conn) = conn else {
-                return (false, Box::new(|_| {}));
-            };
-            let ok = conn
-                .prepare_cached(
-                    "UPDATE records SET replay_count = replay_count + 1, last_seen_at = MAX(last_seen_at, ?4)
-                     WHERE scope = ?1 AND tenant = ?2 AND key = ?3",
-                )
-                .and_then(|mut s| s.execute(params![id.scope, id.tenant, id.key, now]))
-                .is_ok();
+            let Ok(conn) = conn else { return (false, Box::new(|_| {})) };
+            let mut ok = true;
+            for (id, (count, seen)) in batch {
+                ok &= conn
+                    .prepare_cached(
+                        "UPDATE records SET replay_count = replay_count + ?4, last_seen_at = MAX(last_seen_at, ?5)
+                         WHERE scope = ?1 AND tenant = ?2 AND key = ?3",
+                    )
+                    .and_then(|mut s| s.execute(params![id.scope, id.tenant, id.key, count as i64, seen]))
+                    .is_ok();
+            }
             (ok, Box::new(|_| {}))
         });
-        let _ = self.writer.send(job);
+        if writer.send(job).is_err() {
+            return;
+        }
     }
 }
 

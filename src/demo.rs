@@ -1,6 +1,7 @@
 //! A demo upstream: a small HTTP API that counts every call it executes, so a newcomer
 //! (and the end-to-end tests) can see a duplicate prevented. Request headers steer it:
-//! `X-Demo-Status: 503` answers that status, `X-Demo-Delay: 2s` answers late, and
+//! `X-Demo-Status: 503` answers that status, `X-Demo-Delay: 2s` executes at once but
+//! answers late, and
 //! `X-Demo-Fault: drop` closes the connection without answering.
 //! `GET /_demo/stats` reports the calls; `POST /_demo/reset` clears them.
 
@@ -81,9 +82,6 @@ async fn handle(calls: Arc<Mutex<Calls>>, request: Request<Incoming>) -> Result<
     }
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    if let Some(delay) = header("x-demo-delay").and_then(|d| humantime::parse_duration(&d).ok()) {
-        tokio::time::sleep(delay.min(Duration::from_secs(600))).await;
-    }
     let key =
         header("idempotency-key").or_else(|| header("repeatability-request-id")).or_else(|| header("x-request-id"));
     let call = {
@@ -95,6 +93,10 @@ async fn handle(calls: Arc<Mutex<Calls>>, request: Request<Incoming>) -> Result<
         }
         c.total
     };
+    // The call has taken effect; only its answer is late (the case idem exists for).
+    if let Some(delay) = header("x-demo-delay").and_then(|d| humantime::parse_duration(&d).ok()) {
+        tokio::time::sleep(delay.min(Duration::from_secs(600))).await;
+    }
     if header("x-demo-fault").as_deref() == Some("drop") {
         return Err(Dropped);
     }

@@ -1,0 +1,598 @@
+#!/usr/bin/env bash
+# bench/gateway.sh — throughput and latency of `idem gateway` against a bare proxy.
+#
+# A benchmark, not a test: it prints numbers and never fails on them. It exits non-zero
+# only when it could not measure (a process died, a setup check failed) or when a run saw
+# errors (socket errors, timeouts, or any status other than 201), because those would
+# make the ratios meaningless.
+#
+# What runs, all on 127.0.0.1 with free ports, in a temporary directory that is removed
+# on exit with every process this script started (kept, logs and all, when the run fails):
+#   upstream   nginx, 1 worker, answers every request `201 {"id":"x"}` without touching
+#              the disk (bench/nginx/upstream.conf.in)
+#   proxy      nginx as a bare keep-alive reverse proxy in front of it, the baseline
+#              (bench/nginx/proxy.conf.in; PROXY_WORKERS, default auto = one per core,
+#              like the gateway's tokio runtime)
+#   gateway    `idem gateway` in front of the same upstream with its zero-config default
+#              route (POST/PATCH protected by an optional Idempotency-Key), once per
+#              store: sqlite://…/idem.db (durable, synchronous=full, the default),
+#              sqlite://…/idem2.db?synchronous=normal, and memory://
+#
+# Scenarios (SCENARIOS picks and orders them; the default is the first six):
+#   upstream        wrk → upstream
+#   proxy           wrk → nginx proxy → upstream                       (the baseline)
+#   miss            wrk → gateway (sqlite, full) → upstream; a new key per request
+#   replay          wrk → gateway (sqlite, full); one key, primed once with curl
+#   miss-normal     the miss path on sqlite with synchronous=normal
+#   miss-memory     the miss path on memory:// (no durability at all)
+#   replay-normal   the replay path on sqlite with synchronous=normal   (optional)
+#   replay-memory   the replay path on memory://                        (optional)
+#   passthrough     wrk → gateway (sqlite, full) → upstream without an Idempotency-Key:
+#                   the gateway's own cost (body read, fingerprint, proxying) with no
+#                   store call                                             (optional)
+# Every request is `POST /v1/orders` with a small JSON body, Content-Type
+# application/json, an Idempotency-Key and a unique X-Bench-Seq header, built per
+# request by bench/wrk/post.lua in every scenario so that wrk's own cost is identical in
+# every row. The upstream and the proxy ignore the key headers.
+#
+# Load: wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, RUNS rounds. Each round runs
+# every scenario once, in turn, so background noise spreads over all rows alike. A row
+# reports the median req/s, the median p50 and the median p99 over its runs, and its
+# req/s as a ratio to the bare proxy's. Design goals (SPEC/issue): miss path >= 0.8x
+# the bare proxy on the durable SQLite store; replay >= 1.5x. Every gateway run is
+# cross-checked against the gateway's own idem_requests_total{decision}: a miss run must
+# count only `executed`, a replay run only `replayed`.
+#
+# THE MACHINE MATTERS. The reference machine has 2 cores, and wrk, the upstream nginx,
+# the proxy or the gateway all share them: numbers are a comparison between rows of the
+# same run, not an absolute capacity. The load generator costs as much CPU as the thing
+# measured, which compresses ratios towards 1. Anything else busy on the machine (a
+# compile) makes the numbers noisy; the load average is recorded per run. The SQLite
+# files live in the temporary directory, so its filesystem decides what an fsync costs
+# (the script prints it and warns on tmpfs, where "durable" costs nothing).
+#
+# Default run time: 6 scenarios x 3 runs x 10 s of load + 6 s warm-up + setup: about 3 min 10 s.
+#
+# Usage:
+#   bench/gateway.sh                                  # defaults
+#   DURATION=5s RUNS=1 bench/gateway.sh               # a quick look
+#   SCENARIOS="proxy miss replay" bench/gateway.sh    # a subset (ratios need "proxy")
+#   SCENARIOS="proxy passthrough miss-memory replay-memory" bench/gateway.sh
+#                                                     # where the time goes, store aside
+#
+# Environment:
+#   DURATION=10s  RUNS=3  CONNECTIONS=64  THREADS=1   wrk settings
+#   WARMUP=1s           one discarded wrk run per scenario before the first round (0 skips)
+#   SCENARIOS="upstream proxy miss replay miss-normal miss-memory"
+#   PROXY_WORKERS=auto  nginx proxy worker_processes
+#   IDEM_BIN=path       use this binary and skip the build; SKIP_BUILD=1 skips it too
+#   BENCH_TMPDIR=dir    where the temporary directory goes (default $TMPDIR or /tmp)
+#   KEEP_TMP=1          keep the temporary directory (logs, databases) after the run
+#   OUT_DIR=dir         where the JSON goes (default bench/out, git-ignored)
+#
+# Needs: bash, curl, wrk and nginx (installed with apt-get when missing), cargo.
+
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+
+DURATION=${DURATION:-10s}
+RUNS=${RUNS:-3}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-1}
+WARMUP=${WARMUP:-1s}
+SCENARIOS=${SCENARIOS:-"upstream proxy miss replay miss-normal miss-memory"}
+PROXY_WORKERS=${PROXY_WORKERS:-auto}
+OUT_DIR=${OUT_DIR:-$HERE/out}
+KEEP_TMP=${KEEP_TMP:-0}
+SKIP_BUILD=${SKIP_BUILD:-0}
+
+BODY='{"amount":4200,"currency":"EUR","customer":"cus_42","note":"bench"}'
+REQ_PATH=/v1/orders
+EXPECT_STATUS=201
+GOAL_MISS=0.80
+GOAL_REPLAY=1.50
+
+log() { printf '%s\n' "$*" >&2; }
+die() {
+    log "gateway.sh: $*"
+    exit 1
+}
+
+# ---------------------------------------------------------------- inputs and tools
+
+[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer (got '$RUNS')"
+[[ $CONNECTIONS =~ ^[1-9][0-9]*$ ]] || die "CONNECTIONS must be a positive integer (got '$CONNECTIONS')"
+[[ $THREADS =~ ^[1-9][0-9]*$ ]] || die "THREADS must be a positive integer (got '$THREADS')"
+((CONNECTIONS >= THREADS)) || die "CONNECTIONS ($CONNECTIONS) must be at least THREADS ($THREADS)"
+[[ $DURATION =~ ^[0-9]+[smh]?$ ]] || die "DURATION must look like 10s, 2m or 30 (got '$DURATION')"
+[[ $WARMUP =~ ^[0-9]+[smh]?$ ]] || die "WARMUP must look like 1s or 0 (got '$WARMUP')"
+
+known_scenarios=" upstream proxy miss replay miss-normal miss-memory replay-normal replay-memory passthrough "
+read -r -a SCENARIO_LIST <<<"$SCENARIOS"
+((${#SCENARIO_LIST[@]} > 0)) || die "SCENARIOS is empty"
+for s in "${SCENARIO_LIST[@]}"; do
+    [[ $known_scenarios == *" $s "* ]] || die "unknown scenario '$s' (known:$known_scenarios)"
+done
+wants() { [[ " ${SCENARIO_LIST[*]} " == *" $1 "* ]]; }
+
+find_nginx() {
+    command -v nginx 2>/dev/null || { [[ -x /usr/sbin/nginx ]] && echo /usr/sbin/nginx; } || true
+}
+
+missing=()
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+[[ -n $(find_nginx) ]] || missing+=(nginx)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+if ((${#missing[@]})); then
+    log "installing ${missing[*]} from the distribution's packages"
+    sudo=()
+    if [[ $(id -u) -ne 0 ]]; then
+        command -v sudo >/dev/null 2>&1 || die "need ${missing[*]}; run as root or install them: apt-get install -y ${missing[*]}"
+        sudo=(sudo)
+    fi
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
+fi
+NGINX=$(find_nginx)
+[[ -n $NGINX ]] || die "nginx not found after installing it"
+command -v wrk >/dev/null 2>&1 || die "wrk not found after installing it"
+
+if [[ -n ${IDEM_BIN:-} ]]; then
+    [[ -x $IDEM_BIN ]] || die "IDEM_BIN=$IDEM_BIN is not an executable"
+elif [[ $SKIP_BUILD == 1 ]]; then
+    IDEM_BIN=$ROOT/target/release/idem
+    [[ -x $IDEM_BIN ]] || die "SKIP_BUILD=1 but $IDEM_BIN does not exist"
+else
+    locked=()
+    if git -C "$ROOT" ls-files --error-unmatch Cargo.lock >/dev/null 2>&1; then
+        locked=(--locked)
+    fi
+    log "building: cargo build --release ${locked[*]}"
+    (cd "$ROOT" && cargo build --release "${locked[@]}") >&2
+    IDEM_BIN=$ROOT/target/release/idem
+fi
+
+# ---------------------------------------------------------------- processes and cleanup
+
+TMP=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/idem-bench.XXXXXX")
+chmod 755 "$TMP" # nginx workers drop privileges when started as root
+PIDS=()
+PID_NAMES=()
+
+cleanup() {
+    local rc=$? i pid
+    trap - EXIT INT TERM
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        kill -TERM "${PIDS[i]}" 2>/dev/null || true
+    done
+    for i in "${!PIDS[@]}"; do
+        pid=${PIDS[i]}
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "${PID_NAMES[i]} (pid $pid) did not stop after SIGTERM; killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
+        log "logs and databases kept in $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Ports handed out so far (two servers must not get the same one before either binds).
+TAKEN=" "
+# free_port VAR: a port nothing listens on, outside the usual ephemeral range.
+free_port() {
+    local p
+    for _ in $(seq 500); do
+        p=$((20000 + RANDOM % 12000))
+        [[ $TAKEN == *" $p "* ]] && continue
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            TAKEN+="$p "
+            printf -v "$1" '%s' "$p"
+            return 0
+        fi
+    done
+    die "found no free port"
+}
+
+# start NAME CMD...: runs CMD in the background, output in $TMP/NAME.{out,err}.
+start() {
+    local name=$1
+    shift
+    "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" </dev/null &
+    PIDS+=($!)
+    PID_NAMES+=("$name")
+}
+
+show_logs() {
+    local name=$1 f
+    for f in "$TMP/$name.out" "$TMP/$name.err" "$TMP/$name.error.log"; do
+        [[ -s $f ]] && { log "--- $f (tail)"; tail -n 20 "$f" >&2; }
+    done
+    return 0
+}
+
+# wait_port NAME PORT: until something accepts on PORT; fails if NAME's process exits.
+wait_port() {
+    local name=$1 port=$2 pid=${PIDS[${#PIDS[@]} - 1]}
+    for _ in $(seq 150); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            show_logs "$name"
+            die "$name exited during startup"
+        fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    show_logs "$name"
+    die "$name did not listen on 127.0.0.1:$port within 15 s"
+}
+
+all_alive() {
+    local i
+    for i in "${!PIDS[@]}"; do
+        if ! kill -0 "${PIDS[i]}" 2>/dev/null; then
+            show_logs "${PID_NAMES[i]}"
+            die "${PID_NAMES[i]} (pid ${PIDS[i]}) died during the benchmark"
+        fi
+    done
+}
+
+render() { # TEMPLATE OUT KEY=VALUE...
+    local template=$1 out=$2 expr=() kv
+    shift 2
+    for kv in "$@"; do
+        expr+=(-e "s#@${kv%%=*}@#${kv#*=}#g")
+    done
+    sed "${expr[@]}" "$template" >"$out"
+    if grep -q '@[A-Z_]*@' "$out"; then
+        die "unrendered placeholder in $out"
+    fi
+}
+
+# ---------------------------------------------------------------- start everything
+
+NONCE="$(date -u +%Y%m%dT%H%M%S)-$$-$RANDOM"
+STARTED_AT=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+TMP_FS=$(stat -f -c %T "$TMP" 2>/dev/null || echo unknown)
+NPROC=$(nproc 2>/dev/null || echo '?')
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
+
+log "idem gateway benchmark: DURATION=$DURATION RUNS=$RUNS CONNECTIONS=$CONNECTIONS THREADS=$THREADS"
+log "  scenarios: ${SCENARIO_LIST[*]}"
+log "  $NPROC cores shared by wrk, nginx and the gateway; load average now $LOAD_START"
+log "  temporary directory $TMP on $TMP_FS"
+if [[ $TMP_FS == tmpfs || $TMP_FS == ramfs ]]; then
+    log "  WARNING: $TMP is on $TMP_FS: fsync is free there, so the durable SQLite rows cost less than on a disk."
+    log "           Set BENCH_TMPDIR to a directory on a real disk for honest durable numbers."
+fi
+log "  idem binary $IDEM_BIN"
+
+free_port UPSTREAM_PORT
+render "$HERE/nginx/upstream.conf.in" "$TMP/upstream.conf" "TMP=$TMP" "PORT=$UPSTREAM_PORT"
+start upstream "$NGINX" -p "$TMP/" -c "$TMP/upstream.conf" -e "$TMP/upstream.error.log"
+wait_port upstream "$UPSTREAM_PORT"
+UPSTREAM_URL=http://127.0.0.1:$UPSTREAM_PORT
+
+declare -A URL=() ADMIN=()
+URL[upstream]=$UPSTREAM_URL
+
+if wants proxy; then
+    free_port PROXY_PORT
+    render "$HERE/nginx/proxy.conf.in" "$TMP/proxy.conf" "TMP=$TMP" "PORT=$PROXY_PORT" \
+        "UPSTREAM_PORT=$UPSTREAM_PORT" "WORKERS=$PROXY_WORKERS"
+    start proxy "$NGINX" -p "$TMP/" -c "$TMP/proxy.conf" -e "$TMP/proxy.error.log"
+    wait_port proxy "$PROXY_PORT"
+    URL[proxy]=http://127.0.0.1:$PROXY_PORT
+fi
+
+# start_gateway NAME STORE_URL
+start_gateway() {
+    local name=$1 store=$2 port admin
+    free_port port
+    free_port admin
+    start "$name" "$IDEM_BIN" gateway --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+        --upstream "$UPSTREAM_URL" --store "$store"
+    wait_port "$name" "$port"
+    wait_port "$name" "$admin"
+    for _ in $(seq 50); do
+        grep -q 'listening on' "$TMP/$name.out" && break
+        sleep 0.1
+    done
+    grep -q 'listening on' "$TMP/$name.out" || { show_logs "$name"; die "$name printed no ready line"; }
+    URL[$name]=http://127.0.0.1:$port
+    ADMIN[$name]=http://127.0.0.1:$admin
+}
+if wants miss || wants replay || wants passthrough; then start_gateway gw-full "sqlite://$TMP/idem.db"; fi
+if wants miss-normal || wants replay-normal; then start_gateway gw-normal "sqlite://$TMP/idem2.db?synchronous=normal"; fi
+if wants miss-memory || wants replay-memory; then start_gateway gw-memory "memory://"; fi
+
+# scenario → server, key mode, decision the gateway must count, label
+declare -A SERVER=([upstream]=upstream [proxy]=proxy [miss]=gw-full [replay]=gw-full
+    [miss-normal]=gw-normal [replay-normal]=gw-normal [miss-memory]=gw-memory [replay-memory]=gw-memory
+    [passthrough]=gw-full)
+declare -A LABEL=(
+    [upstream]="upstream alone (nginx)"
+    [proxy]="bare proxy (nginx)"
+    [miss]="gateway miss, sqlite durable"
+    [replay]="gateway replay, sqlite durable"
+    [miss-normal]="gateway miss, sqlite sync=normal"
+    [replay-normal]="gateway replay, sqlite sync=normal"
+    [miss-memory]="gateway miss, memory://"
+    [replay-memory]="gateway replay, memory://"
+    [passthrough]="gateway pass-through, no key"
+)
+mode_of() {
+    case $1 in
+    replay*) echo fixed ;;
+    passthrough) echo none ;;
+    *) echo unique ;;
+    esac
+}
+decision_of() {
+    case $1 in
+    miss*) echo executed ;;
+    replay*) echo replayed ;;
+    passthrough) echo missing_key ;; # an optional key that is absent: passed through
+    *) echo "" ;;
+    esac
+}
+replay_key() { echo "bench-replay-$NONCE"; }
+
+# ---------------------------------------------------------------- setup checks
+
+post() { # URL KEY [curl args...] → prints the status code
+    local url=$1 key=$2
+    shift 2
+    curl -sS --max-time 10 -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
+        -H "Idempotency-Key: $key" --data-binary "$BODY" "$@" "$url$REQ_PATH"
+}
+
+# Every server: answers 201 and keeps a connection alive across POSTs with bodies
+# (two requests in one curl, the second must not open a connection).
+for name in "${!URL[@]}"; do
+    url=${URL[$name]}
+    code=$(post "$url" "bench-check-$NONCE-$name")
+    [[ $code == "$EXPECT_STATUS" ]] || { show_logs "$name"; die "$name answered $code to a POST, not $EXPECT_STATUS"; }
+    connects=$(curl -sS --max-time 10 -o /dev/null -o /dev/null -w '%{num_connects} ' -X POST \
+        -H 'Content-Type: application/json' -H "Idempotency-Key: bench-keepalive-$NONCE-$name" \
+        --data-binary "$BODY" "$url$REQ_PATH" "$url$REQ_PATH")
+    [[ $connects == "1 0 " ]] || die "$name does not keep connections alive across POSTs (connects: $connects)"
+done
+
+# Prime the replay keys: the first request executes, the second must be a replay.
+for s in "${SCENARIO_LIST[@]}"; do
+    [[ $s == replay* ]] || continue
+    url=${URL[${SERVER[$s]}]}
+    code=$(post "$url" "$(replay_key)")
+    [[ $code == "$EXPECT_STATUS" ]] || die "priming the replay key on ${SERVER[$s]}: got $code, not $EXPECT_STATUS"
+    headers=$(curl -sS --max-time 10 -D - -o /dev/null -X POST -H 'Content-Type: application/json' \
+        -H "Idempotency-Key: $(replay_key)" --data-binary "$BODY" "$url$REQ_PATH" | tr -d '\r')
+    grep -q "^HTTP/[0-9.]* $EXPECT_STATUS" <<<"$headers" || die "replay on ${SERVER[$s]} is not $EXPECT_STATUS: $(head -1 <<<"$headers")"
+    grep -qi '^idempotent-replayed: true' <<<"$headers" || die "replay on ${SERVER[$s]} lacks Idempotent-Replayed: true"
+done
+log "  setup checks passed: every server answers $EXPECT_STATUS and keeps POST connections alive; replay keys primed"
+
+# ---------------------------------------------------------------- measuring
+
+# decisions ADMIN_URL → "decision=count" lines summed over routes
+decisions() {
+    curl -sS --max-time 10 "$1/metrics" | awk '
+        /^idem_requests_total\{/ {
+            if (match($0, /decision="[^"]*"/)) { c[substr($0, RSTART + 10, RLENGTH - 11)] += $NF }
+        }
+        END { for (d in c) printf "%s=%d\n", d, c[d] }'
+}
+
+# delta BEFORE AFTER → "decision=+n ..." for every decision that moved
+delta() {
+    awk -v before="$1" -v after="$2" 'BEGIN {
+        n = split(before, b, "\n"); for (i = 1; i <= n; i++) if (split(b[i], kv, "=") == 2) v[kv[1]] -= kv[2]
+        n = split(after, a, "\n"); for (i = 1; i <= n; i++) if (split(a[i], kv, "=") == 2) v[kv[1]] += kv[2]
+        out = ""; for (d in v) if (v[d] != 0) out = out (out == "" ? "" : " ") d "=" v[d]
+        print out }'
+}
+
+declare -A RPS=() P50=() P99=() ERRORS=() RUNLOG=()
+ERRORS_TOTAL=0
+ANOMALIES=()
+
+# measure SCENARIO DURATION RECORD(0|1) ROUND
+measure() {
+    local s=$1 duration=$2 record=$3 round=$4
+    local server=${SERVER[$s]} url mode tag decision before="" after="" moved="" out line
+    url=${URL[$server]}
+    mode=$(mode_of "$s")
+    decision=$(decision_of "$s")
+    if [[ $mode == fixed ]]; then tag=$(replay_key); else tag="bench-$NONCE-$s-$round"; fi
+    [[ -n $decision ]] && before=$(decisions "${ADMIN[$server]}")
+    local load
+    load=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0)
+    out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" --latency -s "$HERE/wrk/post.lua" "$url$REQ_PATH" \
+        -- "$mode" "$tag" "$BODY" "$EXPECT_STATUS" 2>&1) || {
+        log "$out"
+        die "wrk failed on $s"
+    }
+    all_alive
+    [[ -n $decision ]] && after=$(decisions "${ADMIN[$server]}")
+    line=$(grep '^BENCH ' <<<"$out") || {
+        log "$out"
+        die "wrk printed no BENCH line for $s"
+    }
+    ((record)) || return 0
+
+    local -A r=()
+    local kv
+    for kv in ${line#BENCH }; do r[${kv%%=*}]=${kv#*=}; done
+    # unexpected_status (not 201) includes wrk's status_err (>= 400); count each answer once.
+    local bad_status=$((r[unexpected_status] > r[status_err] ? r[unexpected_status] : r[status_err]))
+    local errs=$((r[connect_err] + r[read_err] + r[write_err] + r[timeout_err] + bad_status))
+    local problems=()
+    if ((errs > 0)); then
+        problems+=("$errs errors: connect=${r[connect_err]} read=${r[read_err]} write=${r[write_err]} timeout=${r[timeout_err]} status>=400=${r[status_err]} not-$EXPECT_STATUS=${r[unexpected_status]} (first: ${r[first_unexpected]})")
+    fi
+    if [[ -n $decision ]]; then
+        moved=$(delta "$before" "$after")
+        local counted=0 other=""
+        for kv in $moved; do
+            if [[ ${kv%%=*} == "$decision" ]]; then counted=${kv#*=}; else other+=" $kv"; fi
+        done
+        # wrk counts answers it read; the gateway may finish a few more that were in flight at the end.
+        if ((counted < r[requests])); then
+            problems+=("gateway counted $counted '$decision' decisions for ${r[requests]} answered requests")
+        fi
+        [[ -n $other ]] && problems+=("gateway counted other decisions:$other")
+    fi
+    ERRORS_TOTAL=$((ERRORS_TOTAL + errs))
+    ERRORS[$s]=$((${ERRORS[$s]:-0} + errs))
+    RPS[$s]+="${r[rps]} "
+    P50[$s]+="${r[p50_us]} "
+    P99[$s]+="${r[p99_us]} "
+    RUNLOG[$s]+="{\"round\":$round,\"requests\":${r[requests]},\"duration_us\":${r[duration_us]},\"rps\":${r[rps]},\"mean_us\":${r[mean_us]},\"p50_us\":${r[p50_us]},\"p90_us\":${r[p90_us]},\"p99_us\":${r[p99_us]},\"max_us\":${r[max_us]},\"errors\":{\"connect\":${r[connect_err]},\"read\":${r[read_err]},\"write\":${r[write_err]},\"timeout\":${r[timeout_err]},\"status_ge_400\":${r[status_err]},\"not_$EXPECT_STATUS\":${r[unexpected_status]}},\"gateway_decisions\":\"$moved\",\"loadavg_1m_before\":$load},"
+    printf '  round %d  %-36s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms  load %s%s\n' "$round" "${LABEL[$s]}" \
+        "${r[rps]}" "$(awk -v u="${r[p50_us]}" 'BEGIN{print u/1000}')" "$(awk -v u="${r[p99_us]}" 'BEGIN{print u/1000}')" \
+        "$load" "${moved:+  [$moved]}" >&2
+    local p
+    for p in "${problems[@]}"; do
+        log "  !!!!! ${LABEL[$s]}, round $round: $p"
+        ANOMALIES+=("${LABEL[$s]}, round $round: $p")
+    done
+}
+
+if [[ $WARMUP != 0 && $WARMUP != 0s ]]; then
+    log "warming up ($WARMUP per scenario, discarded)"
+    for s in "${SCENARIO_LIST[@]}"; do measure "$s" "$WARMUP" 0 0; done
+fi
+for ((round = 1; round <= RUNS; round++)); do
+    log "round $round of $RUNS"
+    for s in "${SCENARIO_LIST[@]}"; do measure "$s" "$DURATION" 1 "$round"; done
+done
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
+
+# ---------------------------------------------------------------- report
+
+median() { # numbers... → their median
+    printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END {
+        if (NR == 0) exit 1
+        if (NR % 2) printf "%.6g\n", a[(NR + 1) / 2]; else printf "%.6g\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+
+declare -A MED_RPS=() MED_P50=() MED_P99=() RATIO=() GOAL=()
+for s in "${SCENARIO_LIST[@]}"; do
+    # shellcheck disable=SC2086 # word splitting intended
+    MED_RPS[$s]=$(median ${RPS[$s]})
+    # shellcheck disable=SC2086
+    MED_P50[$s]=$(median ${P50[$s]})
+    # shellcheck disable=SC2086
+    MED_P99[$s]=$(median ${P99[$s]})
+done
+for s in "${SCENARIO_LIST[@]}"; do
+    if [[ -n ${MED_RPS[proxy]:-} ]]; then
+        RATIO[$s]=$(awk -v a="${MED_RPS[$s]}" -v b="${MED_RPS[proxy]}" 'BEGIN { if (b > 0) printf "%.3f", a / b }')
+    else
+        RATIO[$s]=""
+    fi
+    goal=""
+    case $s in
+    miss) goal=$GOAL_MISS ;;
+    replay) goal=$GOAL_REPLAY ;;
+    esac
+    GOAL[$s]=$goal
+done
+
+goal_text() {
+    local s=$1
+    [[ -n ${GOAL[$s]} && -n ${RATIO[$s]} ]] || return 0
+    if awk -v r="${RATIO[$s]}" -v g="${GOAL[$s]}" 'BEGIN { exit !(r >= g) }'; then
+        printf 'goal >= %.1fx: met' "${GOAL[$s]}"
+    else
+        printf 'goal >= %.1fx: NOT MET' "${GOAL[$s]}"
+    fi
+}
+
+echo
+echo "idem gateway benchmark — $STARTED_AT, commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION, POST $REQ_PATH ($((${#BODY})) B JSON), median of $RUNS run(s);" \
+    "$NPROC cores shared by load generator and servers; load average $LOAD_START at start, $LOAD_END at end"
+echo
+printf '%-36s %10s %9s %9s %9s  %s\n' "scenario" "req/s" "p50 ms" "p99 ms" "x proxy" ""
+printf '%-36s %10s %9s %9s %9s  %s\n' "------------------------------------" "----------" "---------" "---------" "---------" ""
+for s in "${SCENARIO_LIST[@]}"; do
+    ratio=${RATIO[$s]:+${RATIO[$s]}x}
+    note=$(goal_text "$s")
+    if ((${ERRORS[$s]:-0} > 0)); then note="${note:+$note; }${ERRORS[$s]} ERRORS"; fi
+    printf '%-36s %10.0f %9.2f %9.2f %9s  %s\n' "${LABEL[$s]}" "${MED_RPS[$s]}" \
+        "$(awk -v u="${MED_P50[$s]}" 'BEGIN{print u/1000}')" "$(awk -v u="${MED_P99[$s]}" 'BEGIN{print u/1000}')" \
+        "${ratio:-n/a}" "$note"
+done
+echo
+
+json_string() { # a JSON string literal
+    local s=$1
+    s=${s//\\/\\\\}
+    s=${s//\"/\\\"}
+    s=${s//$'\n'/\\n}
+    s=${s//$'\t'/\\t}
+    printf '"%s"' "$s"
+}
+
+mkdir -p "$OUT_DIR"
+OUT_FILE=$OUT_DIR/gateway-$(date -u +%Y%m%dT%H%M%SZ).json
+{
+    printf '{\n'
+    printf '  "benchmark": "idem gateway vs bare nginx proxy",\n'
+    printf '  "started_at": %s,\n' "$(json_string "$STARTED_AT")"
+    printf '  "commit": %s,\n' "$(json_string "$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)")"
+    printf '  "worktree_dirty": %s,\n' "$([[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]] && echo true || echo false)"
+    printf '  "host": {"cores": %s, "kernel": %s, "loadavg_start": %s, "loadavg_end": %s, "tmp_fs": %s},\n' \
+        "$NPROC" "$(json_string "$(uname -r)")" "$(json_string "$LOAD_START")" "$(json_string "$LOAD_END")" "$(json_string "$TMP_FS")"
+    printf '  "tools": {"wrk": %s, "nginx": %s},\n' \
+        "$(json_string "$(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)")" "$(json_string "$("$NGINX" -v 2>&1 | head -1)")"
+    printf '  "settings": {"duration": %s, "runs": %s, "connections": %s, "threads": %s, "warmup": %s, "proxy_workers": %s, "method": "POST", "path": %s, "body": %s, "expect_status": %s},\n' \
+        "$(json_string "$DURATION")" "$RUNS" "$CONNECTIONS" "$THREADS" "$(json_string "$WARMUP")" \
+        "$(json_string "$PROXY_WORKERS")" "$(json_string "$REQ_PATH")" "$(json_string "$BODY")" "$EXPECT_STATUS"
+    printf '  "goals": {"miss_vs_proxy": %s, "replay_vs_proxy": %s},\n' "$GOAL_MISS" "$GOAL_REPLAY"
+    printf '  "scenarios": [\n'
+    sep=""
+    for s in "${SCENARIO_LIST[@]}"; do
+        runs=${RUNLOG[$s]}
+        printf '%s    {"name": %s, "label": %s, "rps": %s, "p50_ms": %s, "p99_ms": %s, "ratio_to_proxy": %s, "goal": %s, "errors": %s,\n' \
+            "$sep" "$(json_string "$s")" "$(json_string "${LABEL[$s]}")" "${MED_RPS[$s]}" \
+            "$(awk -v u="${MED_P50[$s]}" 'BEGIN{printf "%.3f", u/1000}')" \
+            "$(awk -v u="${MED_P99[$s]}" 'BEGIN{printf "%.3f", u/1000}')" \
+            "${RATIO[$s]:-null}" "${GOAL[$s]:-null}" "${ERRORS[$s]:-0}"
+        printf '     "runs": [%s]}' "${runs%,}"
+        sep=$',\n'
+    done
+    printf '\n  ],\n'
+    printf '  "anomalies": ['
+    sep=""
+    for a in "${ANOMALIES[@]}"; do
+        printf '%s%s' "$sep" "$(json_string "$a")"
+        sep=", "
+    done
+    printf '],\n'
+    printf '  "errors_total": %s\n' "$ERRORS_TOTAL"
+    printf '}\n'
+} >"$OUT_FILE"
+echo "wrote $OUT_FILE"
+
+if ((${#ANOMALIES[@]} > 0)); then
+    echo
+    echo "!!!!! ${#ANOMALIES[@]} run(s) had errors or unexpected gateway decisions; the ratios above are not trustworthy:"
+    for a in "${ANOMALIES[@]}"; do echo "!!!!!   $a"; done
+    exit 3
+fi

@@ -1,0 +1,16 @@
+//! End-to-end tests of `idem`: the real binary, a real demo upstream process and real
+//! sockets, asserting what a client observes (status, headers, body) and how many calls
+//! the upstream executed. One binary, one module per theme; `support` starts processes.
+
+mod admin;
+mod decision;
+mod durability;
+mod failures;
+mod keys;
+mod lifecycle;
+mod log_cli;
+mod odata;
+mod replay;
+mod support;
+mod tenants;
+mod transport;

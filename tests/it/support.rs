@@ -1,0 +1,520 @@
+//! Test support: the real `idem` processes (the demo upstream, the gateway, `idem log`),
+//! each in its own temporary directory on ports the OS picks, and a captured answer type
+//! whose `Debug` output says everything a failing assertion needs.
+
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The `idem` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_idem");
+
+/// How long a process may take to print its ready line (a loaded CI machine is slow).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long polling for a state (a record status, an exit) may take.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Between two polls.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Environment variables of `idem` that must not leak from the test's environment into
+/// the processes it starts, since they would override what a test configures.
+const IDEM_ENV: [&str; 6] =
+    ["IDEM_ADMIN_TOKEN", "IDEM_LISTEN", "IDEM_UPSTREAM", "IDEM_STORE", "IDEM_ADMIN_LISTEN", "IDEM_LOG"];
+
+/// An HTTP client with a timeout, so a hung gateway fails a test instead of stalling it.
+pub fn client() -> reqwest::Client {
+    client_with_timeout(Duration::from_secs(20))
+}
+
+/// An HTTP client that gives up after `timeout`.
+pub fn client_with_timeout(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder().timeout(timeout).build().expect("an HTTP client")
+}
+
+/// A plain `Command` for the `idem` binary, with a clean `IDEM_*` environment.
+pub fn idem() -> Command {
+    let mut command = Command::new(BIN);
+    for name in IDEM_ENV {
+        command.env_remove(name);
+    }
+    command.env("IDEM_LOG", "info,idem=debug").stdin(Stdio::null());
+    command
+}
+
+/// Spawns `command` with stdout and stderr sent to files, and waits (polling) until
+/// stdout holds a complete line starting with `prefix`. Returns the child and that line.
+async fn spawn_until_ready(mut command: Command, stdout: &Path, stderr: &Path, prefix: &str) -> (Child, String) {
+    command.stdout(File::create(stdout).expect("a stdout file")).stderr(File::create(stderr).expect("a stderr file"));
+    let mut child = command.spawn().expect("idem starts");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(stdout).unwrap_or_default();
+        if let Some(line) = text.split_inclusive('\n').find(|l| l.starts_with(prefix) && l.ends_with('\n')) {
+            return (child, line.trim_end().to_owned());
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!(
+                "{command:?} exited ({status}) before it was ready\n--- stdout ---\n{text}\n--- stderr ---\n{}",
+                read(stderr)
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{command:?} printed no ready line within {READY_TIMEOUT:?}\n--- stdout ---\n{text}\n--- stderr ---\n{}",
+                read(stderr)
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| format!("({}: {e})", path.display()))
+}
+
+/// Waits (polling) for a child to exit.
+async fn wait_for_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Percent-encodes a path segment or query value.
+pub fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => char::from(b).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A URL on which nothing listens: connections to it are refused. The port was just
+/// released; the OS hands out ephemeral ports in turn, so it is not soon reused.
+pub fn closed_port_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = listener.local_addr().expect("an address").port();
+    drop(listener);
+    format!("http://127.0.0.1:{port}")
+}
+
+/// The demo upstream (`idem demo-upstream`), a real process that counts what it executes.
+pub struct Upstream {
+    child: Child,
+    url: String,
+    _dir: TempDir,
+    http: reqwest::Client,
+}
+
+impl Upstream {
+    /// Starts a demo upstream on a free port.
+    pub async fn start() -> Upstream {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut command = idem();
+        command.args(["demo-upstream", "--listen", "127.0.0.1:0"]);
+        let prefix = "idem demo upstream listening on ";
+        let (child, line) =
+            spawn_until_ready(command, &dir.path().join("demo.stdout"), &dir.path().join("demo.stderr"), prefix).await;
+        let url = line[prefix.len()..].trim_end_matches('/').to_owned();
+        Upstream { child, url, _dir: dir, http: client() }
+    }
+
+    /// The base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// `GET /_demo/stats`.
+    pub async fn stats(&self) -> Value {
+        let reply = send(self.http.get(format!("{}/_demo/stats", self.url))).await;
+        assert_eq!(reply.status, 200, "demo stats: {reply:?}");
+        reply.json()
+    }
+
+    /// How many requests the upstream executed.
+    pub async fn calls(&self) -> u64 {
+        self.stats().await["calls"].as_u64().expect("calls is a number")
+    }
+
+    /// How many requests carrying `key` (as `Idempotency-Key`, else
+    /// `Repeatability-Request-ID`, else `X-Request-Id`) the upstream executed.
+    pub async fn calls_for(&self, key: &str) -> u64 {
+        self.stats().await["by_key"][key].as_u64().unwrap_or(0)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How a gateway is started: its config file, upstream and environment.
+pub struct GatewayBuilder {
+    config: String,
+    upstream: String,
+    env: Vec<(String, String)>,
+    admin_listen: String,
+}
+
+impl GatewayBuilder {
+    /// Sets an environment variable of the gateway process.
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Overrides `--admin-listen` (default `127.0.0.1:0`).
+    pub fn admin_listen(mut self, address: &str) -> Self {
+        self.admin_listen = address.to_owned();
+        self
+    }
+
+    fn prepare(self) -> Gateway {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let config_path = dir.path().join("idem.toml");
+        std::fs::write(&config_path, &self.config).expect("the config file is written");
+        let store = format!("sqlite://{}", dir.path().join("idem.db").display());
+        Gateway {
+            store,
+            config_path,
+            upstream: self.upstream,
+            env: self.env,
+            admin_listen: self.admin_listen,
+            child: None,
+            addr: String::new(),
+            admin_addr: String::new(),
+            starts: 0,
+            dir,
+        }
+    }
+
+    /// Starts the gateway and waits until it is ready.
+    pub async fn start(self) -> Gateway {
+        let mut gateway = self.prepare();
+        gateway.spawn().await;
+        gateway
+    }
+
+    /// Runs a gateway that is expected to refuse to start: its exit status and stderr.
+    pub async fn expect_exit(self) -> (ExitStatus, String) {
+        let gateway = self.prepare();
+        let (stdout, stderr) = gateway.log_files();
+        let mut command = gateway.command();
+        command
+            .stdout(File::create(&stdout).expect("a stdout file"))
+            .stderr(File::create(&stderr).expect("a stderr file"));
+        let mut child = command.spawn().expect("idem starts");
+        let status = wait_for_exit(&mut child, WAIT_TIMEOUT).await;
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the gateway did not exit\n--- stdout ---\n{}\n--- stderr ---\n{}", read(&stdout), read(&stderr));
+        };
+        (status, read(&stderr))
+    }
+}
+
+/// A running `idem gateway` on a SQLite store in its own temp dir. The process is killed
+/// when this is dropped; when a test panics, its logs are printed first.
+pub struct Gateway {
+    dir: TempDir,
+    config_path: PathBuf,
+    store: String,
+    upstream: String,
+    env: Vec<(String, String)>,
+    admin_listen: String,
+    child: Option<Child>,
+    addr: String,
+    admin_addr: String,
+    /// How often the process was started; each start logs to its own files.
+    starts: u32,
+}
+
+impl Gateway {
+    /// A gateway in front of `upstream` with `config` as its TOML file.
+    pub fn builder(upstream: &str, config: &str) -> GatewayBuilder {
+        GatewayBuilder {
+            config: config.to_owned(),
+            upstream: upstream.to_owned(),
+            env: Vec::new(),
+            admin_listen: "127.0.0.1:0".into(),
+        }
+    }
+
+    /// Starts a gateway in front of `upstream` with `config` as its TOML file.
+    pub async fn start(upstream: &str, config: &str) -> Gateway {
+        Gateway::builder(upstream, config).start().await
+    }
+
+    fn log_files(&self) -> (PathBuf, PathBuf) {
+        let n = self.starts;
+        (self.dir.path().join(format!("gateway-{n}.stdout")), self.dir.path().join(format!("gateway-{n}.stderr")))
+    }
+
+    fn command(&self) -> Command {
+        let mut command = idem();
+        command
+            .arg("gateway")
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", &self.admin_listen, "--store", &self.store])
+            .args(["--upstream", &self.upstream]);
+        for (name, value) in &self.env {
+            command.env(name, value);
+        }
+        command
+    }
+
+    async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the gateway is already running");
+        self.starts += 1;
+        let (stdout, stderr) = self.log_files();
+        let prefix = "idem gateway listening on http://";
+        let (child, line) = spawn_until_ready(self.command(), &stdout, &stderr, prefix).await;
+        self.child = Some(child);
+        let rest = &line[prefix.len()..];
+        let (addr, rest) = rest.split_once(" (admin http://").unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        let (admin, _) = rest.split_once(')').unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        self.addr = addr.to_owned();
+        self.admin_addr = admin.to_owned();
+    }
+
+    /// A URL on the client listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A URL on the admin listener.
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
+    }
+
+    /// The store URL, for `idem log`.
+    pub fn store_url(&self) -> &str {
+        &self.store
+    }
+
+    /// Everything the gateway logged, every start.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| {
+                format!("--- gateway start {n} ---\n{}", read(&self.dir.path().join(format!("gateway-{n}.stderr"))))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `kill -9`: the process dies without any chance to finish its work.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("the gateway is running");
+        child.kill().expect("SIGKILL is delivered");
+        child.wait().expect("the killed gateway is reaped");
+    }
+
+    /// `kill -TERM` and wait for the process to exit on its own.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the gateway is running");
+        let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
+        assert!(sent.success(), "kill -TERM failed");
+        match wait_for_exit(&mut child, WAIT_TIMEOUT).await {
+            Some(status) => status,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the gateway did not exit after SIGTERM\n{}", self.logs());
+            }
+        }
+    }
+
+    /// Starts the gateway again on the same store file (on new ports).
+    pub async fn restart(&mut self) {
+        self.spawn().await;
+    }
+
+    /// Starts the gateway again on the same store file, now in front of `upstream`.
+    pub async fn restart_with_upstream(&mut self, upstream: &str) {
+        self.upstream = upstream.to_owned();
+        self.spawn().await;
+    }
+
+    /// The record of `scope`/`key` for the empty tenant, from the admin API.
+    pub async fn record(&self, scope: &str, key: &str) -> Option<Value> {
+        self.record_of(scope, "", key).await
+    }
+
+    /// One record, from the admin API; `None` on 404.
+    pub async fn record_of(&self, scope: &str, tenant: &str, key: &str) -> Option<Value> {
+        let url = self.admin(&format!("/v1/records/{}/{}?tenant={}", encode(scope), encode(key), encode(tenant)));
+        let reply = send(client().get(url)).await;
+        match reply.status {
+            200 => Some(reply.json()),
+            404 => None,
+            _ => panic!("admin show failed: {reply:?}"),
+        }
+    }
+
+    /// Polls the admin API until the record of `scope`/`key` has `status`; returns it.
+    pub async fn wait_for_status(&self, scope: &str, key: &str, status: &str) -> Value {
+        self.wait_for_record(scope, key, &format!("status {status}"), |r| r["status"] == status).await
+    }
+
+    /// Polls the admin API until the record of `scope`/`key` satisfies `test`; returns it.
+    pub async fn wait_for_record(&self, scope: &str, key: &str, what: &str, test: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT_TIMEOUT;
+        loop {
+            let record = self.record(scope, key).await;
+            if let Some(record) = &record {
+                if test(record) {
+                    return record.clone();
+                }
+            }
+            assert!(Instant::now() < deadline, "record {scope}/{key} never had {what}; last: {record:?}");
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+/// What `idem log` did.
+#[derive(Debug)]
+pub struct LogRun {
+    /// The exit code.
+    pub code: Option<i32>,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+}
+
+impl LogRun {
+    /// Stdout as JSON, asserting the command succeeded.
+    pub fn json(&self) -> Value {
+        assert_eq!(self.code, Some(0), "idem log failed: {self:?}");
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+}
+
+/// Runs `idem log ARGS --store STORE` to completion.
+pub fn idem_log(store: &str, args: &[&str]) -> LogRun {
+    let output = idem().arg("log").args(args).args(["--store", store]).output().expect("idem log runs");
+    LogRun {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// An answer as a client saw it.
+pub struct Reply {
+    /// The status code.
+    pub status: u16,
+    /// The HTTP version it came in.
+    pub version: reqwest::Version,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().expect("a text header"))
+    }
+
+    /// True when the answer is a replay from the store.
+    pub fn replayed(&self) -> bool {
+        self.header("idempotent-replayed") == Some("true")
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("the body is not JSON ({e}): {self:?}"))
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl fmt::Debug for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut body = self.text();
+        if let Some((cut, _)) = body.char_indices().nth(2000) {
+            body.truncate(cut);
+            body.push('…');
+        }
+        write!(f, "{} {:?}\n{:#?}\n{body}", self.status, self.version, self.headers)
+    }
+}
+
+/// Sends a request and reads the whole answer; a transport error fails the test.
+pub async fn send(request: reqwest::RequestBuilder) -> Reply {
+    try_send(request).await.unwrap_or_else(|e| panic!("the request failed: {e:?}"))
+}
+
+/// Sends a request and reads the whole answer.
+pub async fn try_send(request: reqwest::RequestBuilder) -> Result<Reply, reqwest::Error> {
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let version = response.version();
+    let headers = response.headers().clone();
+    let body = response.bytes().await?.to_vec();
+    Ok(Reply { status, version, headers, body })
+}
+
+/// Asserts an `application/problem+json` answer with this status and `type`; returns
+/// its body.
+#[track_caller]
+pub fn assert_problem(reply: &Reply, status: u16, kind: &str) -> Value {
+    assert_eq!(reply.status, status, "expected {status} {kind}, got {reply:?}");
+    assert_eq!(reply.header("content-type"), Some("application/problem+json"), "{reply:?}");
+    let body = reply.json();
+    assert_eq!(body["type"], kind, "{reply:?}");
+    assert_eq!(body["status"], status, "{reply:?}");
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "a problem has a detail: {reply:?}");
+    assert!(!reply.replayed(), "a problem is never a replay: {reply:?}");
+    body
+}
+
+/// Fires `count` copies of a request at once and collects every answer.
+pub async fn fire_together(count: usize, request: impl Fn() -> reqwest::RequestBuilder) -> Vec<Reply> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        set.spawn(send(request()));
+    }
+    let mut replies = Vec::with_capacity(count);
+    while let Some(reply) = set.join_next().await {
+        replies.push(reply.expect("a request task"));
+    }
+    replies
+}

@@ -1,0 +1,104 @@
+//! Tenant isolation (SPEC §1, §7): the same key from two tenants is two intents, whether
+//! the tenant comes from a header or from a hash of the credential.
+
+use serde_json::json;
+
+use crate::support::{Gateway, Upstream, client, send};
+
+#[tokio::test]
+async fn tenants_named_by_a_header_never_share_records() {
+    let upstream = Upstream::start().await;
+    let config = r#"
+        [[routes]]
+        name = "orders"
+        path = "/orders"
+        tenant = { header = "X-Tenant-ID" }
+    "#;
+    let gateway = Gateway::start(&upstream.url(), config).await;
+    let http = client();
+    let post = |tenant: &str| {
+        http.post(gateway.url("/orders"))
+            .header("Idempotency-Key", "shared-key")
+            .header("X-Tenant-ID", tenant)
+            .json(&json!({ "amount": 1 }))
+    };
+
+    let acme = send(post("acme")).await;
+    let globex = send(post("globex")).await;
+    for reply in [&acme, &globex] {
+        assert_eq!(reply.status, 201, "{reply:?}");
+        assert!(!reply.replayed(), "{reply:?}");
+    }
+    assert_ne!(acme.body, globex.body);
+    assert_eq!(upstream.calls_for("shared-key").await, 2);
+
+    let acme_again = send(post("acme")).await;
+    assert!(acme_again.replayed(), "{acme_again:?}");
+    assert_eq!(acme_again.body, acme.body, "each tenant gets its own answer");
+    let globex_again = send(post("globex")).await;
+    assert_eq!(globex_again.body, globex.body);
+    assert_eq!(upstream.calls_for("shared-key").await, 2);
+
+    for tenant in ["acme", "globex"] {
+        let record = gateway.record_of("orders", tenant, "shared-key").await.expect("a record per tenant");
+        assert_eq!(record["tenant"], tenant, "{record}");
+    }
+
+    // Without the header, the credential names the tenant.
+    let credential = http
+        .post(gateway.url("/orders"))
+        .header("Idempotency-Key", "shared-key")
+        .header("Authorization", "Bearer acme")
+        .json(&json!({ "amount": 1 }));
+    let credential = send(credential).await;
+    assert!(!credential.replayed(), "a credential is not the tenant header's value: {credential:?}");
+    assert_eq!(upstream.calls_for("shared-key").await, 3);
+    let listed = send(http.get(gateway.admin("/v1/records?scope=orders"))).await.json();
+    let hashed = listed["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["tenant"].as_str().is_some_and(|t| t.starts_with("h:")));
+    assert_eq!(hashed.count(), 1, "{listed}");
+}
+
+#[tokio::test]
+async fn tenants_named_by_their_credential_never_share_records() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), "").await;
+    let http = client();
+    let post = |credential: Option<&str>| {
+        let request =
+            http.post(gateway.url("/orders")).header("Idempotency-Key", "shared-key").json(&json!({ "amount": 1 }));
+        match credential {
+            Some(credential) => request.header("Authorization", credential),
+            None => request,
+        }
+    };
+
+    let alice = send(post(Some("Bearer alice-secret"))).await;
+    let bob = send(post(Some("Bearer bob-secret"))).await;
+    let anonymous = send(post(None)).await;
+    for reply in [&alice, &bob, &anonymous] {
+        assert_eq!(reply.status, 201, "{reply:?}");
+        assert!(!reply.replayed(), "{reply:?}");
+    }
+    let alice_again = send(post(Some("Bearer alice-secret"))).await;
+    assert!(alice_again.replayed(), "{alice_again:?}");
+    assert_eq!(alice_again.body, alice.body);
+    assert_eq!(upstream.calls_for("shared-key").await, 3);
+
+    let listed = send(http.get(gateway.admin("/v1/records?scope=default"))).await;
+    assert!(!listed.text().contains("secret"), "credentials are never stored: {listed:?}");
+    let mut tenants: Vec<String> = listed.json()["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| r["tenant"].as_str().expect("a tenant").to_owned())
+        .collect();
+    tenants.sort();
+    assert_eq!(tenants.len(), 3, "{listed:?}");
+    assert_eq!(tenants[0], "", "no credential: the empty tenant");
+    assert!(tenants[1].starts_with("h:") && tenants[2].starts_with("h:"), "{tenants:?}");
+    assert_ne!(tenants[1], tenants[2]);
+}

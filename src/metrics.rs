@@ -44,6 +44,18 @@ pub enum Label {
 }
 
 impl Label {
+    /// Every label, in the order [`RouteMetrics`] keeps their counters.
+    pub const ALL: [Label; 8] = [
+        Label::Executed,
+        Label::Replayed,
+        Label::KeyReused,
+        Label::InFlight,
+        Label::OutcomeUnknown,
+        Label::MissingKey,
+        Label::Passthrough,
+        Label::Rejected,
+    ];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -84,30 +96,70 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// Counts one request.
-pub fn request(route: &str, decision: Label) {
-    metrics::counter!(REQUESTS, "route" => route.to_owned(), "decision" => decision.as_str()).increment(1);
+/// One route's metric handles, registered once so the hot path does no label lookups.
+pub struct RouteMetrics {
+    requests: [metrics::Counter; 8],
+    retry_recoveries: metrics::Counter,
+    expired_key_retries: metrics::Counter,
+    upstream: metrics::Histogram,
 }
 
-/// Counts a retry recovery.
-pub fn retry_recovery(route: &str) {
-    metrics::counter!(RETRY_RECOVERIES, "route" => route.to_owned()).increment(1);
+impl RouteMetrics {
+    /// Registers the handles of `route` with the installed recorder.
+    pub fn new(route: &str) -> Self {
+        let route = route.to_owned();
+        Self {
+            requests: Label::ALL
+                .map(|label| metrics::counter!(REQUESTS, "route" => route.clone(), "decision" => label.as_str())),
+            retry_recoveries: metrics::counter!(RETRY_RECOVERIES, "route" => route.clone()),
+            expired_key_retries: metrics::counter!(EXPIRED_KEY_RETRIES, "route" => route.clone()),
+            upstream: metrics::histogram!(UPSTREAM_SECONDS, "route" => route),
+        }
+    }
+
+    /// Counts one request.
+    pub fn request(&self, decision: Label) {
+        let index = Label::ALL.iter().position(|l| *l == decision).unwrap_or(Label::ALL.len() - 1);
+        self.requests[index].increment(1);
+    }
+
+    /// Counts a retry recovery.
+    pub fn retry_recovery(&self) {
+        self.retry_recoveries.increment(1);
+    }
+
+    /// Counts an expired-key retry.
+    pub fn expired_key_retry(&self) {
+        self.expired_key_retries.increment(1);
+    }
+
+    /// Records an upstream exchange's duration.
+    pub fn upstream_time(&self, took: Duration) {
+        self.upstream.record(took.as_secs_f64());
+    }
 }
 
-/// Counts an expired-key retry.
-pub fn expired_key_retry(route: &str) {
-    metrics::counter!(EXPIRED_KEY_RETRIES, "route" => route.to_owned()).increment(1);
+/// Store operation timers, registered once.
+pub struct StoreMetrics {
+    /// `claim`.
+    pub claim: metrics::Histogram,
+    /// `finish`.
+    pub finish: metrics::Histogram,
 }
 
-/// Records an upstream exchange's duration.
-pub fn upstream_time(route: &str, took: Duration) {
-    metrics::histogram!(UPSTREAM_SECONDS, "route" => route.to_owned()).record(took.as_secs_f64());
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        Self {
+            claim: metrics::histogram!(STORE_SECONDS, "op" => "claim"),
+            finish: metrics::histogram!(STORE_SECONDS, "op" => "finish"),
+        }
+    }
 }
 
-/// Records a store operation's duration.
-pub fn store_time(op: &'static str, took: Duration) {
-    metrics::histogram!(STORE_SECONDS, "op" => op).record(took.as_secs_f64());
-}
+
+
+
+
 
 /// Sets the record gauges from store stats.
 pub fn set_records(stats: &[StatRow]) {

@@ -120,12 +120,12 @@ impl RouteTable {
         Self { routes: routes.into_iter().map(Arc::new).collect() }
     }
 
-    /// The route protecting a request, if any.
-    pub fn find(&self, method: &Method, path: &str) -> Option<&Arc<Route>> {
+    /// The route protecting a request, if any, with its position in the table.
+    pub fn find(&self, method: &Method, path: &str) -> Option<(usize, &Arc<Route>)> {
         if method == Method::GET || method == Method::HEAD {
             return None;
         }
-        self.routes.iter().find(|r| r.matches(method, path))
+        self.routes.iter().enumerate().find(|(_, r)| r.matches(method, path))
     }
 
     /// Every route.

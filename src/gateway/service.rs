@@ -22,7 +22,7 @@ use crate::core::units::millis;
 use crate::core::{
     Decision, ExecuteReason, Fingerprint, Intent, LeaseToken, Millis, Outcome, Record, RecordId, StoredResponse, key,
 };
-use crate::metrics::{self, Label};
+use crate::metrics::{Label, RouteMetrics, StoreMetrics};
 use crate::store::{Store, now_millis};
 
 /// `Idempotent-Replayed: true` marks an answer served from the store.
@@ -37,6 +37,11 @@ pub struct Gateway {
     upstream: Upstream,
     odata: bool,
     client_timeout: Duration,
+    /// Metric handles, one per route in table order.
+    route_metrics: Vec<RouteMetrics>,
+    /// Metric handles for requests no route protects.
+    unrouted: RouteMetrics,
+    store_metrics: StoreMetrics,
     /// Claimed requests run here, detached from their client's connection, so a client
     /// that goes away never cancels an upstream call or leaves its record unfinished.
     /// Graceful shutdown waits for it to drain.
@@ -61,7 +66,18 @@ impl Gateway {
         odata: bool,
         client_timeout: Duration,
     ) -> Self {
-        Self { routes, store, upstream, odata, client_timeout, tasks: TaskTracker::new() }
+        let route_metrics = routes.iter().map(|r| RouteMetrics::new(&r.name)).collect();
+        Self {
+            routes,
+            store,
+            upstream,
+            odata,
+            client_timeout,
+            route_metrics,
+            unrouted: RouteMetrics::new(""),
+            store_metrics: StoreMetrics::default(),
+            tasks: TaskTracker::new(),
+        }
     }
 
     /// The detached executions, for graceful shutdown.
@@ -75,20 +91,21 @@ impl Gateway {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let Some(route) = self.routes.find(request.method(), request.uri().path()).cloned() else {
+        let Some((index, route)) = self.routes.find(request.method(), request.uri().path()) else {
             let safe = request.method() == Method::GET || request.method() == Method::HEAD;
             if self.odata && !safe && odata::present(request.headers()) {
-                metrics::request("", Label::Rejected);
+                self.unrouted.request(Label::Rejected);
                 return Problem::RepeatabilityRejected {
                     status: StatusCode::NOT_IMPLEMENTED,
                     detail: "Repeatable requests are not supported on this resource.".into(),
                 }
                 .response();
             }
-            metrics::request("", Label::Passthrough);
+            self.unrouted.request(Label::Passthrough);
             return self.passthrough(request.map(boxed), peer).await;
         };
-        self.protected(route, request, peer).await
+        let route = route.clone();
+        self.protected(index, route, request, peer).await
     }
 
     async fn passthrough(&self, mut request: Request<Body>, peer: Option<SocketAddr>) -> Response<Body> {
@@ -106,6 +123,7 @@ impl Gateway {
 
     async fn protected<B>(
         self: Arc<Self>,
+        index: usize,
         route: Arc<Route>,
         request: Request<B>,
         peer: Option<SocketAddr>,
@@ -114,6 +132,7 @@ impl Gateway {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        let metrics = &self.route_metrics[index];
         let (parts, body) = request.into_parts();
         let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let body = match declared {
@@ -123,7 +142,7 @@ impl Gateway {
         let body = match body {
             Ok(body) => body,
             Err(error) => {
-                metrics::request(&route.name, Label::Rejected);
+                metrics.request(Label::Rejected);
                 return match error {
                     ReadError::TooLarge => Problem::BodyTooLarge { limit: route.max_body },
                     ReadError::TimedOut => Problem::ClientTimeout,
@@ -135,19 +154,20 @@ impl Gateway {
         let identified = match identify(&route, self.odata, &parts, &body) {
             Ok(Some(identified)) => identified,
             Ok(None) => {
-                metrics::request(&route.name, Label::MissingKey);
+                metrics.request(Label::MissingKey);
                 return self.passthrough(Request::from_parts(parts, full(body)), peer).await;
             }
             Err(problem) => {
                 let label =
                     if matches!(problem, Problem::KeyMissing { .. }) { Label::MissingKey } else { Label::Rejected };
-                metrics::request(&route.name, label);
+                metrics.request(label);
                 return problem.response();
             }
         };
         // From here on the work runs detached: a claim is never left without its outcome.
         let gateway = self.clone();
-        let work = self.tasks.spawn(async move { gateway.claim_and_act(&route, parts, body, identified, peer).await });
+        let work =
+            self.tasks.spawn(async move { gateway.claim_and_act(index, &route, parts, body, identified, peer).await });
         work.await.unwrap_or_else(|e| {
             tracing::error!(error = %e, "a request handler failed");
             Problem::BadRequest("The request could not be processed.".into()).response()
@@ -156,12 +176,14 @@ impl Gateway {
 
     async fn claim_and_act(
         &self,
+        index: usize,
         route: &Route,
         parts: Parts,
         body: Bytes,
         identified: Identified,
         peer: Option<SocketAddr>,
     ) -> Response<Body> {
+        let metrics = &self.route_metrics[index];
         let mut intent = Intent {
             id: identified.id.clone(),
             fingerprint: identified.fingerprint,
@@ -178,12 +200,12 @@ impl Gateway {
         let claim = loop {
             let started = Instant::now();
             let claim = self.store.claim(&intent, route.policy()).await;
-            metrics::store_time("claim", started.elapsed());
+            self.store_metrics.claim.record(started.elapsed().as_secs_f64());
             let claim = match claim {
                 Ok(claim) => claim,
                 Err(error) => {
                     tracing::warn!(route = %route.name, %error, "store unavailable: request refused, not forwarded");
-                    metrics::request(&route.name, Label::Rejected);
+                    metrics.request(Label::Rejected);
                     return Problem::StoreUnavailable.response();
                 }
             };
@@ -200,17 +222,17 @@ impl Gateway {
         let Some(record) = claim.record else {
             // Every decision but a fresh execute is made on a stored record, and a fresh
             // execute returns the record it claimed; a store that breaks this is refused.
-            metrics::request(&route.name, Label::Rejected);
+            metrics.request(Label::Rejected);
             return Problem::StoreUnavailable.response();
         };
         let (label, response) = match (claim.decision, claim.token) {
             (Decision::Execute(reason), Some(token)) => {
                 match reason {
-                    ExecuteReason::RetryRecovery => metrics::retry_recovery(&route.name),
-                    ExecuteReason::Expired => metrics::expired_key_retry(&route.name),
+                    ExecuteReason::RetryRecovery => metrics.retry_recovery(),
+                    ExecuteReason::Expired => metrics.expired_key_retry(),
                     ExecuteReason::New | ExecuteReason::UnknownRetry => {}
                 }
-                let response = self.execute(route, parts, body, &record, token, peer).await;
+                let response = self.execute(route, metrics, parts, body, &record, token, peer).await;
                 (Label::Executed, accepted(response, identified.odata))
             }
             (Decision::Replay, _) => (Label::Replayed, accepted(replay(&record), identified.odata)),
@@ -235,15 +257,17 @@ impl Gateway {
             }
             (Decision::NeedsReview, _) => (Label::Rejected, Problem::NeedsReview.response()),
         };
-        metrics::request(&route.name, label);
+        metrics.request(label);
         with_expiry(response, record.expires_at)
     }
 
     /// Forwards a claimed request, keeps its lease alive meanwhile, records the outcome
     /// and returns what the client gets.
+    #[allow(clippy::too_many_arguments)]
     async fn execute(
         &self,
         route: &Route,
+        metrics: &RouteMetrics,
         parts: Parts,
         body: Bytes,
         record: &Record,
@@ -257,7 +281,7 @@ impl Gateway {
         let started = Instant::now();
         let exchange = tokio::time::timeout(route.upstream_timeout, self.exchange(request)).await;
         drop(renewal);
-        metrics::upstream_time(&route.name, started.elapsed());
+        metrics.upstream_time(started.elapsed());
         let (outcome, response) = match exchange {
             Err(_) => (
                 Outcome::Unknown { error: format!("no answer within upstream_timeout ({:?})", route.upstream_timeout) },
@@ -310,7 +334,7 @@ impl Gateway {
         for attempt in 0..6 {
             let started = Instant::now();
             let finished = self.store.finish(id, token, outcome.clone(), now_millis()).await;
-            metrics::store_time("finish", started.elapsed());
+            self.store_metrics.finish.record(started.elapsed().as_secs_f64());
             match finished {
                 Ok(true) => return,
                 Ok(false) => {
@@ -461,7 +485,9 @@ fn answered(route: &Route, mut parts: http::response::Parts, bytes: Bytes) -> (O
         Outcome::Completed(StoredResponse {
             status,
             headers: storable_headers(&parts.headers, &route.replay_denylist),
-            body: if retained { bytes.clone() } else { Bytes::new() },
+            // A copy: the answer's bytes may be a slice of a larger read buffer, which a
+            // stored record must not keep alive.
+            body: if retained { Bytes::copy_from_slice(&bytes) } else { Bytes::new() },
             retained,
         })
     } else {

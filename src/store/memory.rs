@@ -1,7 +1,7 @@
 //! The in-memory reference store: the simplest correct implementation of the trait,
 //! for unit tests and `memory://`. Nothing survives the process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -15,11 +15,11 @@ use crate::core::{
 /// Records in a map behind one mutex: every operation is atomic by construction.
 #[derive(Default)]
 pub struct MemoryStore {
-    records: Mutex<BTreeMap<RecordId, Record>>,
+    records: Mutex<HashMap<RecordId, Record>>,
 }
 
 impl MemoryStore {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<RecordId, Record>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RecordId, Record>> {
         // A panic elsewhere cannot leave a record half-written: every update is a whole
         // insert, so the map stays usable after poisoning.
         self.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -17,7 +17,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::memory::{owns, page};
+use super::memory::page;
 use super::{Claim, Error, ListQuery, MAX_PAGE, Page, StatRow, Store, new_token};
 use crate::core::{
     ClaimPolicy, Fingerprint, Intent, Lease, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status,
@@ -279,10 +279,12 @@ fn write_loop(conn: Connection, mut jobs: mpsc::UnboundedReceiver<Job>) {
         }
         let mut delivers = Vec::with_capacity(group.len());
         for job in group {
-            let _ = conn.execute_batch("SAVEPOINT op");
+            let _ = conn.prepare_cached("SAVEPOINT op").and_then(|mut s| s.execute([]));
             let (ok, deliver) = job(Ok(&conn));
-            let end = if ok { "RELEASE op" } else { "ROLLBACK TO op; RELEASE op" };
-            let _ = conn.execute_batch(end);
+            if !ok {
+                let _ = conn.prepare_cached("ROLLBACK TO op").and_then(|mut s| s.execute([]));
+            }
+            let _ = conn.prepare_cached("RELEASE op").and_then(|mut s| s.execute([]));
             delivers.push(deliver);
         }
         let commit = conn.execute_batch("COMMIT").map_err(|e| format!("commit failed: {e}"));
@@ -384,21 +386,37 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, Error>> {
     }))
 }
 
-/// Loads the record `token` owns, lets `change` alter it, and saves it.
-fn update_owned(
-    conn: &Connection,
-    id: &RecordId,
-    token: LeaseToken,
-    change: impl FnOnce(&mut Record),
-) -> Result<bool, Error> {
-    match load(conn, id)? {
-        Some(mut record) if owns(&record, token) => {
-            change(&mut record);
-            save(conn, &record)?;
-            Ok(true)
-        }
-        _ => Ok(false),
-    }
+/// Ends the lease `token` holds with `outcome`: one guarded `UPDATE`, setting the same
+/// fields [`Outcome::apply`] sets. `false` when `token` no longer owns the record.
+fn finish_owned(conn: &Connection, id: &RecordId, token: LeaseToken, outcome: Outcome, now: Millis) -> Result<bool, Error> {
+    let status = outcome.status();
+    let (response, error) = match outcome {
+        Outcome::Completed(response) => (Some(response), None),
+        Outcome::Retryable { error } | Outcome::Unknown { error } | Outcome::NeedsReview { error } => (None, Some(error)),
+    };
+    let headers = response.as_ref().map(|r| serde_json::to_string(&r.headers)).transpose().map_err(unavailable)?;
+    conn.prepare_cached(
+        "UPDATE records SET status = ?5, lease_token = NULL, locked_until = NULL, resp_status = ?6,
+                resp_headers = ?7, resp_body = ?8, resp_retained = ?9, last_seen_at = ?10, error_summary = ?11
+         WHERE scope = ?1 AND tenant = ?2 AND key = ?3 AND status = 'in_progress' AND lease_token = ?4",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            id.scope,
+            id.tenant,
+            id.key,
+            token as i64,
+            status.as_str(),
+            response.as_ref().map(|r| r.status),
+            headers,
+            response.as_ref().map(|r| r.body.as_ref()),
+            response.as_ref().map(|r| r.retained),
+            now,
+            error,
+        ])
+    })
+    .map(|n| n == 1)
+    .map_err(unavailable)
 }
 
 #[async_trait]
@@ -406,8 +424,9 @@ impl Store for SqliteStore {
     async fn claim(&self, intent: &Intent, policy: ClaimPolicy) -> Result<Claim, Error> {
         // Decisions that change nothing durable (replay, key reused, in flight, …) are
         // made on a read connection: a replay never waits for a commit.
-        let id = intent.id.clone();
-        let existing = self.read(move |conn| load(conn, &id)).await?;
+        // A point read on an indexed key takes microseconds, so it runs right here rather
+        // than paying a hand-off to the blocking pool on every request.
+        let existing = self.readers.with(|conn| load(conn, &intent.id))?;
         let decision = decide(existing.as_ref(), intent, policy);
         match transition(decision, existing.as_ref(), intent, 0) {
             Transition::None => {
@@ -439,12 +458,21 @@ impl Store for SqliteStore {
 
     async fn renew(&self, id: &RecordId, token: LeaseToken, locked_until: Millis) -> Result<bool, Error> {
         let id = id.clone();
-        self.write(move |conn| update_owned(conn, &id, token, |r| r.lease = Some(Lease { token, locked_until }))).await
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE records SET locked_until = ?5
+                 WHERE scope = ?1 AND tenant = ?2 AND key = ?3 AND status = 'in_progress' AND lease_token = ?4",
+            )
+            .and_then(|mut s| s.execute(params![id.scope, id.tenant, id.key, token as i64, locked_until]))
+            .map(|n| n == 1)
+            .map_err(unavailable)
+        })
+        .await
     }
 
     async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome, now: Millis) -> Result<bool, Error> {
         let id = id.clone();
-        self.write(move |conn| update_owned(conn, &id, token, |r| outcome.apply(r, now))).await
+        self.write(move |conn| finish_owned(conn, &id, token, outcome, now)).await
     }
 
     async fn get(&self, id: &RecordId) -> Result<Option<Record>, Error> {

@@ -156,11 +156,6 @@ impl Default for StoreMetrics {
     }
 }
 
-
-
-
-
-
 /// Sets the record gauges from store stats.
 pub fn set_records(stats: &[StatRow]) {
     for status in Status::ALL {

@@ -15,7 +15,10 @@ use crate::core::{
 
 pub mod conformance;
 pub mod memory;
+pub mod postgres;
+pub mod redis;
 pub mod sqlite;
+pub mod touch;
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +180,7 @@ pub trait Store: Send + Sync + 'static {
     async fn stats(&self) -> Result<Vec<StatRow>, Error>;
 }
 
-/// Opens the store a URL names: `sqlite://PATH`, `memory://`.
+/// Opens the store a URL names: `sqlite://PATH`, `postgres://…`, `redis://…`, `memory://`.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
     let bad = |reason: &str| Error::BadUrl { url: url.to_owned(), reason: reason.to_owned() };
     let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("expected SCHEME://…, e.g. sqlite://./idem.db"))?;
@@ -187,10 +190,9 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
             let options = sqlite::Options::from_url_rest(rest).map_err(|reason| bad(&reason))?;
             Ok(Arc::new(sqlite::SqliteStore::open(options).await?))
         }
-        "postgres" | "postgresql" | "redis" | "rediss" => {
-            Err(bad("this build of idem has no PostgreSQL or Redis store yet; use sqlite://PATH"))
-        }
-        _ => Err(bad("unknown scheme; use sqlite://PATH or memory://")),
+        "postgres" | "postgresql" => postgres::open(url).await,
+        "redis" | "rediss" => redis::open(url).await,
+        _ => Err(bad("unknown scheme; use sqlite://PATH, postgres://…, redis://… or memory://")),
     }
 }
 

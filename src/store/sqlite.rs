@@ -7,7 +7,6 @@
 //! neighbours. Reads (and decisions that write nothing durable, such as a replay) use a
 //! small pool of read connections and never wait for the writer.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +17,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::memory::page;
+use super::touch::{Touch, TouchBuffer, spawn_flusher};
 use super::{Claim, Error, ListQuery, MAX_PAGE, Page, StatRow, Store, new_token};
 use crate::core::{
     ClaimPolicy, Fingerprint, Intent, Lease, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status,
@@ -113,8 +113,8 @@ pub struct SqliteStore {
     /// queue is drained, so every accepted write is committed or answered with an error.
     writer: mpsc::UnboundedSender<Job>,
     readers: Arc<Readers>,
-    /// Replay counts waiting for the next flush (see [`SqliteStore::touch`]).
-    touches: Arc<Touches>,
+    /// Replay counts waiting for the next flush.
+    touches: Arc<TouchBuffer>,
 }
 
 /// Read connections, opened on demand and kept for reuse.
@@ -181,8 +181,12 @@ impl SqliteStore {
             .name("idem-sqlite-writer".into())
             .spawn(move || write_loop(conn, jobs))
             .map_err(unavailable)?;
-        let touches = Arc::new(Touches::default());
-        tokio::spawn(flush_touches(Arc::downgrade(&touches), writer.clone()));
+        let touches = Arc::new(TouchBuffer::default());
+        let flush_writer = writer.clone();
+        spawn_flusher(&touches, move |batch| {
+            let _ = flush_writer.send(touch_job(batch));
+            std::future::ready(())
+        });
         Ok(Self { writer, readers: Arc::new(Readers { options, idle: Mutex::new(Vec::new()) }), touches })
     }
 
@@ -210,52 +214,27 @@ impl SqliteStore {
         self.writer.send(job).map_err(|_| Error::Unavailable("the writer thread stopped".into()))?;
         answer.await.map_err(|_| Error::Unavailable("the writer thread stopped".into()))?
     }
-
-    /// Counts a replay without waiting for it: losing the count loses no decision.
-    /// Counts are summed in memory and written once per [`TOUCH_FLUSH`], so a hot key
-    /// replayed thousands of times a second costs one row update a second.
-    fn touch(&self, id: RecordId, now: Millis) {
-        let mut pending = self.touches.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = pending.entry(id).or_insert((0, now));
-        entry.0 += 1;
-        entry.1 = entry.1.max(now);
-    }
 }
 
-/// How often summed replay counts are written.
-const TOUCH_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Replay counts not yet written: id -> (replays, last seen).
-type Touches = Mutex<HashMap<RecordId, (u64, Millis)>>;
-
-/// Writes summed replay counts every [`TOUCH_FLUSH`] until the store is dropped.
-async fn flush_touches(touches: std::sync::Weak<Touches>, writer: mpsc::UnboundedSender<Job>) {
-    loop {
-        tokio::time::sleep(TOUCH_FLUSH).await;
-        let Some(touches) = touches.upgrade() else { return };
-        let batch: Vec<(RecordId, (u64, Millis))> =
-            std::mem::take(&mut *touches.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
-        if batch.is_empty() {
-            continue;
+/// Writes summed replay counts (see [`super::touch`]).
+fn touch_job(batch: Vec<Touch>) -> Job {
+    Box::new(move |conn| {
+        let Ok(conn) = conn else { return (false, Box::new(|_| {})) };
+        let mut ok = true;
+        for touch in batch {
+            let id = &touch.id;
+            ok &= conn
+                .prepare_cached(
+                    "UPDATE records SET replay_count = replay_count + ?4, last_seen_at = MAX(last_seen_at, ?5)
+                     WHERE scope = ?1 AND tenant = ?2 AND key = ?3",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![id.scope, id.tenant, id.key, touch.replays as i64, touch.last_seen_at])
+                })
+                .is_ok();
         }
-        let job: Job = Box::new(move |conn| {
-            let Ok(conn) = conn else { return (false, Box::new(|_| {})) };
-            let mut ok = true;
-            for (id, (count, seen)) in batch {
-                ok &= conn
-                    .prepare_cached(
-                        "UPDATE records SET replay_count = replay_count + ?4, last_seen_at = MAX(last_seen_at, ?5)
-                         WHERE scope = ?1 AND tenant = ?2 AND key = ?3",
-                    )
-                    .and_then(|mut s| s.execute(params![id.scope, id.tenant, id.key, count as i64, seen]))
-                    .is_ok();
-            }
-            (ok, Box::new(|_| {}))
-        });
-        if writer.send(job).is_err() {
-            return;
-        }
-    }
+        (ok, Box::new(|_| {}))
+    })
 }
 
 /// The writer thread: takes every queued job into one transaction, commits once, then
@@ -388,11 +367,19 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, Error>> {
 
 /// Ends the lease `token` holds with `outcome`: one guarded `UPDATE`, setting the same
 /// fields [`Outcome::apply`] sets. `false` when `token` no longer owns the record.
-fn finish_owned(conn: &Connection, id: &RecordId, token: LeaseToken, outcome: Outcome, now: Millis) -> Result<bool, Error> {
+fn finish_owned(
+    conn: &Connection,
+    id: &RecordId,
+    token: LeaseToken,
+    outcome: Outcome,
+    now: Millis,
+) -> Result<bool, Error> {
     let status = outcome.status();
     let (response, error) = match outcome {
         Outcome::Completed(response) => (Some(response), None),
-        Outcome::Retryable { error } | Outcome::Unknown { error } | Outcome::NeedsReview { error } => (None, Some(error)),
+        Outcome::Retryable { error } | Outcome::Unknown { error } | Outcome::NeedsReview { error } => {
+            (None, Some(error))
+        }
     };
     let headers = response.as_ref().map(|r| serde_json::to_string(&r.headers)).transpose().map_err(unavailable)?;
     conn.prepare_cached(
@@ -433,7 +420,7 @@ impl Store for SqliteStore {
                 return Ok(Claim { decision, record: existing, token: None });
             }
             Transition::Touch(record) => {
-                self.touch(record.id.clone(), intent.now);
+                self.touches.add(record.id.clone(), intent.now);
                 return Ok(Claim { decision, record: Some(record), token: None });
             }
             Transition::Write(_) => {}

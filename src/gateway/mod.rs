@@ -35,17 +35,23 @@ pub const PURGE_BATCH: usize = 500;
 pub async fn run(
     config: Config,
     demo: bool,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(std::net::SocketAddr, std::net::SocketAddr),
 ) -> anyhow::Result<()> {
     let metrics = crate::metrics::install();
+    let stopping = CancellationToken::new();
+    let on_signal = stopping.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        on_signal.cancel();
+    });
     if demo {
         let address = config.upstream.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
         let listener =
             TcpListener::bind(&address).await.with_context(|| format!("demo upstream: cannot listen on {address}"))?;
         tokio::spawn(crate::demo::serve(listener));
     }
-    let store = store::open(&config.store).await.with_context(|| format!("cannot open store {}", config.store))?;
+    let Some(store) = open_store(&config.store, &stopping).await? else { return Ok(()) };
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     let admin_listener = TcpListener::bind(config.admin.listen)
@@ -69,14 +75,34 @@ pub async fn run(
     });
     ready(listener.local_addr()?, admin_address);
     tracing::info!(
-        listen = %listener.local_addr()?, upstream = %config.upstream, store = %config.store,
+        listen = %listener.local_addr()?, upstream = %config.upstream, store = %store::redact(&config.store),
         admin = %admin_address, routes = config.routes.len(), "idem gateway ready"
     );
-    server::serve(listener, gateway, config.client_timeout, config.shutdown_grace, shutdown).await;
+    server::serve(listener, gateway, config.client_timeout, config.shutdown_grace, stopping.cancelled_owned()).await;
     stop.cancel();
     let _ = admin_server.await;
     tracing::info!("idem gateway stopped");
     Ok(())
+}
+
+/// Opens the store. A networked store that is down at start-up is waited for, with
+/// backoff and a log line per attempt; `None` when shutdown came first.
+async fn open_store(url: &str, stopping: &CancellationToken) -> anyhow::Result<Option<Arc<dyn Store>>> {
+    let mut pause = Duration::from_millis(500);
+    loop {
+        match store::open(url).await {
+            Ok(store) => return Ok(Some(store)),
+            Err(error) if error.is_retryable() && store::is_networked(url) => {
+                tracing::warn!(store = %store::redact(url), %error, retry_in = ?pause, "store unreachable at start-up; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = stopping.cancelled() => return Ok(None),
+                }
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+            Err(error) => return Err(error).with_context(|| format!("cannot open store {}", store::redact(url))),
+        }
+    }
 }
 
 /// Removes expired records in small batches, then refreshes the record gauges.

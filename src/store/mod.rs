@@ -30,7 +30,7 @@ pub enum Error {
     #[error("store holds an unreadable record: {0}")]
     Corrupt(String),
     /// The store URL is malformed or names an unsupported backend.
-    #[error("invalid store URL {url:?}: {reason}")]
+    #[error("invalid store URL {:?}: {reason}", redact(url))]
     BadUrl {
         /// The URL as given.
         url: String,
@@ -194,6 +194,23 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
         "redis" | "rediss" => redis::open(url).await,
         _ => Err(bad("unknown scheme; use sqlite://PATH, postgres://…, redis://… or memory://")),
     }
+}
+
+/// A store URL fit for logs and messages: any password is replaced by `***`.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// True for stores on another machine, worth waiting for when they are down at start-up;
+/// a local file that cannot be opened is a mistake to report at once.
+pub fn is_networked(url: &str) -> bool {
+    ["postgres://", "postgresql://", "redis://", "rediss://"].iter().any(|scheme| url.starts_with(scheme))
 }
 
 /// A fresh lease token. Random, so tokens never repeat across processes or restarts.

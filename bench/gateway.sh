@@ -27,6 +27,10 @@
 #   miss-memory     the miss path on memory:// (no durability at all)
 #   replay-normal   the replay path on sqlite with synchronous=normal   (optional)
 #   replay-memory   the replay path on memory://                        (optional)
+#   miss-postgres   the miss path on PostgreSQL (POSTGRES_URL, a fresh schema per run)  (optional)
+#   replay-postgres the replay path on PostgreSQL                                    (optional)
+#   miss-redis      the miss path on Redis (REDIS_URL, a fresh key prefix per run)     (optional)
+#   replay-redis    the replay path on Redis                                         (optional)
 #   passthrough     wrk → gateway (sqlite, full) → upstream without an Idempotency-Key:
 #                   the gateway's own cost (body read, fingerprint, proxying) with no
 #                   store call                                             (optional)
@@ -109,7 +113,7 @@ die() {
 [[ $DURATION =~ ^[0-9]+[smh]?$ ]] || die "DURATION must look like 10s, 2m or 30 (got '$DURATION')"
 [[ $WARMUP =~ ^[0-9]+[smh]?$ ]] || die "WARMUP must look like 1s or 0 (got '$WARMUP')"
 
-known_scenarios=" upstream proxy miss replay miss-normal miss-memory replay-normal replay-memory passthrough "
+known_scenarios=" upstream proxy miss replay miss-normal miss-memory replay-normal replay-memory passthrough miss-postgres replay-postgres miss-redis replay-redis "
 read -r -a SCENARIO_LIST <<<"$SCENARIOS"
 ((${#SCENARIO_LIST[@]} > 0)) || die "SCENARIOS is empty"
 for s in "${SCENARIO_LIST[@]}"; do
@@ -179,6 +183,17 @@ cleanup() {
         fi
         wait "$pid" 2>/dev/null || true
     done
+    # Records the run left in the shared stores (best effort: needs psql / redis-cli).
+    if [[ -n ${BENCH_ID:-} ]]; then
+        if [[ -n ${URL[gw-postgres]:-} ]] && command -v psql >/dev/null; then
+            psql "${POSTGRES_URL:-postgres://root@127.0.0.1:5432/test}" -q -c "DROP SCHEMA IF EXISTS idem_$BENCH_ID CASCADE" \
+                >/dev/null 2>&1 || true
+        fi
+        if [[ -n ${URL[gw-redis]:-} ]] && command -v redis-cli >/dev/null; then
+            redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379}" --scan --pattern "idem_$BENCH_ID*" 2>/dev/null |
+                xargs -r -d "\n" -n 500 redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379}" del >/dev/null 2>&1 || true
+        fi
+    fi
     if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
         log "logs and databases kept in $TMP"
     else
@@ -319,11 +334,21 @@ start_gateway() {
 if wants miss || wants replay || wants passthrough; then start_gateway gw-full "sqlite://$TMP/idem.db"; fi
 if wants miss-normal || wants replay-normal; then start_gateway gw-normal "sqlite://$TMP/idem2.db?synchronous=normal"; fi
 if wants miss-memory || wants replay-memory; then start_gateway gw-memory "memory://"; fi
+# The shared stores get a schema / key prefix of their own per run, so runs never see
+# each other's records (POSTGRES_URL and REDIS_URL point at the servers).
+BENCH_ID=bench_$(date +%s)_$$
+if wants miss-postgres || wants replay-postgres; then
+    start_gateway gw-postgres "${POSTGRES_URL:-postgres://root@127.0.0.1:5432/test}?schema=idem_$BENCH_ID"
+fi
+if wants miss-redis || wants replay-redis; then
+    start_gateway gw-redis "${REDIS_URL:-redis://127.0.0.1:6379}?prefix=idem_$BENCH_ID"
+fi
 
 # scenario → server, key mode, decision the gateway must count, label
 declare -A SERVER=([upstream]=upstream [proxy]=proxy [miss]=gw-full [replay]=gw-full
     [miss-normal]=gw-normal [replay-normal]=gw-normal [miss-memory]=gw-memory [replay-memory]=gw-memory
-    [passthrough]=gw-full)
+    [passthrough]=gw-full [miss-postgres]=gw-postgres [replay-postgres]=gw-postgres
+    [miss-redis]=gw-redis [replay-redis]=gw-redis)
 declare -A LABEL=(
     [upstream]="upstream alone (nginx)"
     [proxy]="bare proxy (nginx)"
@@ -334,6 +359,10 @@ declare -A LABEL=(
     [miss-memory]="gateway miss, memory://"
     [replay-memory]="gateway replay, memory://"
     [passthrough]="gateway pass-through, no key"
+    [miss-postgres]="gateway miss, postgresql"
+    [replay-postgres]="gateway replay, postgresql"
+    [miss-redis]="gateway miss, redis"
+    [replay-redis]="gateway replay, redis"
 )
 mode_of() {
     case $1 in

@@ -105,10 +105,13 @@ async fn open_store(url: &str, stopping: &CancellationToken) -> anyhow::Result<O
     }
 }
 
-/// Removes expired records in small batches, then refreshes the record gauges.
+/// Removes expired records in small batches, then refreshes the record gauges. Counting
+/// records can mean reading a whole table, so after a count the next one waits a hundred
+/// times as long as it took: a count that takes 1 s runs at most every 100 s.
 async fn purge_loop(store: Arc<dyn Store>, every: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_count = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -118,10 +121,15 @@ async fn purge_loop(store: Arc<dyn Store>, every: Duration, stop: CancellationTo
         if removed > 0 {
             tracing::info!(removed, "purged expired records");
         }
+        if tokio::time::Instant::now() < next_count {
+            continue;
+        }
+        let started = tokio::time::Instant::now();
         match store.stats().await {
             Ok(stats) => crate::metrics::set_records(&stats),
             Err(error) => tracing::warn!(%error, "could not read record counts"),
         }
+        next_count = started + started.elapsed() * 100;
     }
 }
 

@@ -196,15 +196,34 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
     }
 }
 
-/// A store URL fit for logs and messages: any password is replaced by `***`.
+/// A URL fit for logs and messages: a password in the user-info part or in a
+/// `password=` query parameter is replaced by `***`. Works on URLs too broken to parse,
+/// since those are exactly the ones that end up in error messages.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => match authority[..at].split_once(':') {
+            Some((user, _password)) => format!("{user}:***{}", &authority[at..]),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", pairs.join("&"))
         }
-        _ => url.to_owned(),
-    }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// True for stores on another machine, worth waiting for when they are down at start-up;
@@ -223,4 +242,25 @@ pub fn new_token() -> LeaseToken {
 pub fn now_millis() -> Millis {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     crate::core::units::millis(since)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(redact("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact("postgres://u:pw@h:99999/d?x=1"), "postgres://u:***@h:99999/d?x=1");
+        assert_eq!(redact("postgres://u:p@ss@h/d"), "postgres://u:***@h/d");
+        assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
+        assert_eq!(redact("postgres://h/d?user=a@b"), "postgres://h/d?user=a@b");
+        assert_eq!(
+            redact("postgres://h/db?password=pw&sslmode=disable"),
+            "postgres://h/db?password=***&sslmode=disable"
+        );
+        assert_eq!(redact("redis://:s3cret@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact("sqlite://./idem.db"), "sqlite://./idem.db");
+        assert_eq!(redact("not a url"), "not a url");
+    }
 }

@@ -11,6 +11,7 @@ mod lifecycle;
 mod log_cli;
 mod odata;
 mod replay;
+mod shared_stores;
 mod support;
 mod tenants;
 mod transport;

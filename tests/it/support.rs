@@ -171,6 +171,7 @@ pub struct GatewayBuilder {
     upstream: String,
     env: Vec<(String, String)>,
     admin_listen: String,
+    store: Option<String>,
 }
 
 impl GatewayBuilder {
@@ -186,11 +187,17 @@ impl GatewayBuilder {
         self
     }
 
+    /// Uses this store URL instead of a SQLite file in the gateway's temp dir.
+    pub fn store(mut self, url: &str) -> Self {
+        self.store = Some(url.to_owned());
+        self
+    }
+
     fn prepare(self) -> Gateway {
         let dir = tempfile::tempdir().expect("a temp dir");
         let config_path = dir.path().join("idem.toml");
         std::fs::write(&config_path, &self.config).expect("the config file is written");
-        let store = format!("sqlite://{}", dir.path().join("idem.db").display());
+        let store = self.store.unwrap_or_else(|| format!("sqlite://{}", dir.path().join("idem.db").display()));
         Gateway {
             store,
             config_path,
@@ -255,6 +262,7 @@ impl Gateway {
             upstream: upstream.to_owned(),
             env: Vec::new(),
             admin_listen: "127.0.0.1:0".into(),
+            store: None,
         }
     }
 
@@ -517,4 +525,135 @@ pub async fn fire_together(count: usize, request: impl Fn() -> reqwest::RequestB
         replies.push(reply.expect("a request task"));
     }
     replies
+}
+
+/// A shared store for one test: a fresh PostgreSQL schema or Redis key prefix, removed
+/// when the test ends (pass or fail), so test runs leave nothing behind.
+pub struct SharedStore {
+    /// The store URL the gateways get.
+    pub url: String,
+    cleanup: Vec<String>,
+}
+
+impl Drop for SharedStore {
+    fn drop(&mut self) {
+        // Best effort: the shell tools come with the servers; without them, nothing is lost
+        // but some disk in the test database.
+        let _ = Command::new("sh").arg("-c").args(&self.cleanup).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+/// The PostgreSQL server the tests use (`IDEM_TEST_POSTGRES_URL`), with a fresh schema
+/// so tests never see each other's records.
+pub fn postgres_store() -> SharedStore {
+    let base = std::env::var("IDEM_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
+    require_service("PostgreSQL", "IDEM_TEST_POSTGRES_URL", &base);
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let schema = format!("idem_it_{}", unique_suffix());
+    SharedStore {
+        url: format!("{base}{separator}schema={schema}"),
+        cleanup: vec![format!("psql '{base}' -q -c 'DROP SCHEMA IF EXISTS {schema} CASCADE'")],
+    }
+}
+
+/// The Redis server the tests use (`IDEM_TEST_REDIS_URL`), with a fresh key prefix.
+pub fn redis_store() -> SharedStore {
+    let base = std::env::var("IDEM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    require_service("Redis", "IDEM_TEST_REDIS_URL", &base);
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let prefix = format!("idem_it_{}", unique_suffix());
+    SharedStore {
+        url: format!("{base}{separator}prefix={prefix}"),
+        cleanup: vec![format!(
+            "redis-cli -u '{base}' --scan --pattern '{prefix}*' | xargs -r -d '\\n' redis-cli -u '{base}' del"
+        )],
+    }
+}
+
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("{}_{}_{}", std::process::id(), nanos, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The host:port of a service URL.
+pub fn service_address(url: &str) -> String {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = after_scheme.split(['/', '?']).next().unwrap_or(after_scheme);
+    authority.rsplit_once('@').map_or(authority, |(_, host)| host).to_owned()
+}
+
+/// Fails loudly when a service the test needs is not listening: CI treats a missing
+/// service as a failure, never as a skipped test.
+fn require_service(name: &str, variable: &str, url: &str) {
+    let address = service_address(url);
+    let reachable = address
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .or_else(|| std::net::ToSocketAddrs::to_socket_addrs(&address).ok()?.next())
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+    assert!(reachable, "{name} is not reachable at {address} ({variable}={url}): start it, or point {variable} at one");
+}
+
+/// A TCP relay the test controls, between a gateway and its store: `cut` breaks every
+/// connection and refuses new ones (the store is unreachable); `restore` lets them through.
+pub struct Relay {
+    address: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// Starts relaying to `target` (host:port).
+    pub async fn start(target: &str) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("the relay listens");
+        let address = listener.local_addr().expect("an address");
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (target, flag, tasks) = (target.to_owned(), cut.clone(), connections.clone());
+        let acceptor = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if flag.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tasks.lock().expect("the relay's task list").push(task);
+            }
+        });
+        Relay { address, cut, connections, acceptor }
+    }
+
+    /// The relay's host:port.
+    pub fn address(&self) -> String {
+        self.address.to_string()
+    }
+
+    /// Breaks every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for task in self.connections.lock().expect("the relay's task list").drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+        self.cut();
+    }
 }

@@ -11,4 +11,5 @@ pub mod core;
 pub mod demo;
 pub mod gateway;
 pub mod metrics;
+pub mod runner;
 pub mod store;

@@ -229,8 +229,9 @@ pub fn read_file(path: &Path) -> Result<RawConfig, ConfigError> {
     parse_toml(&text).map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))
 }
 
-/// Parses TOML text into the raw tree, naming the path of a bad key.
-pub fn parse_toml(text: &str) -> Result<RawConfig, String> {
+/// Parses TOML text into a raw tree (this config's, or a flow's), naming the path and line of
+/// a bad key.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
     let deserializer = toml::Deserializer::parse(text).map_err(|e| e.to_string())?;
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
@@ -499,7 +500,7 @@ mod tests {
     use super::*;
 
     fn validate(text: &str) -> Result<Config, String> {
-        let raw = parse_toml(text)?;
+        let raw: RawConfig = parse_toml(text)?;
         raw.validate(&Overrides::default(), &|_| None).map_err(|e| e.to_string())
     }
 
@@ -539,14 +540,14 @@ mod tests {
         let text = "[admin]\nlisten = \"0.0.0.0:8081\"\n";
         let err = validate(text).unwrap_err();
         assert!(err.contains("IDEM_ADMIN_TOKEN"), "{err}");
-        let raw = parse_toml(text).unwrap();
+        let raw: RawConfig = parse_toml(text).unwrap();
         let ok = raw.validate(&Overrides::default(), &|name| (name == "IDEM_ADMIN_TOKEN").then(|| "s3cret".into()));
         assert_eq!(ok.unwrap().admin.token.as_deref(), Some("s3cret"));
     }
 
     #[test]
     fn flags_override_the_file() {
-        let raw = parse_toml("listen = \"127.0.0.1:1\"\nstore = \"memory://\"\n").unwrap();
+        let raw: RawConfig = parse_toml("listen = \"127.0.0.1:1\"\nstore = \"memory://\"\n").unwrap();
         let overrides = Overrides { listen: Some("127.0.0.1:2".into()), ..Default::default() };
         let config = raw.validate(&overrides, &|_| None).unwrap();
         assert_eq!(config.listen.port(), 2);

@@ -548,7 +548,7 @@ mod tests {
 
     use super::*;
     use crate::core::{ClaimPolicy, Resolution};
-    use crate::gateway::config::{Overrides, parse_toml};
+    use crate::gateway::config::{Overrides, RawConfig, parse_toml};
     use crate::store::{Claim, Error, ListQuery, Page, StatRow};
 
     /// A store whose every operation fails, as when its server is unreachable.
@@ -597,7 +597,7 @@ mod tests {
     }
 
     fn gateway(store: Arc<dyn Store>, upstream: SocketAddr) -> Arc<Gateway> {
-        let config = parse_toml("").unwrap().validate(&Overrides::default(), &|_| None).unwrap();
+        let config = parse_toml::<RawConfig>("").unwrap().validate(&Overrides::default(), &|_| None).unwrap();
         let upstream = Upstream::new(format!("http://{upstream}").parse().unwrap());
         Arc::new(Gateway::new(RouteTable::new(config.routes), store, upstream, false, Duration::from_secs(5)))
     }

@@ -20,11 +20,25 @@ pub enum OnUnknown {
     Retry,
 }
 
+/// What a completed record does when the same key comes with another payload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnChange {
+    /// Refuse it (`422`): a key names one request, forever (the gateway).
+    #[default]
+    Reject,
+    /// Execute the changed payload under the same key, keeping the previous answer on the
+    /// claimed record until the new one replaces it (the runner's `resend_on_change`, where
+    /// the key is a business key and the previous answer holds the external ids).
+    Resend,
+}
+
 /// The per-scope settings the decision depends on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClaimPolicy {
     /// What an unknown outcome turns into.
     pub on_unknown: OnUnknown,
+    /// What a changed payload under a completed key does.
+    pub on_change: OnChange,
 }
 
 /// Why an intent is executed.
@@ -38,6 +52,8 @@ pub enum ExecuteReason {
     RetryRecovery,
     /// The outcome was unknown and the policy says re-execute.
     UnknownRetry,
+    /// A completed key came with a changed payload and the policy says send it again.
+    Changed,
 }
 
 /// The decision for one intent.
@@ -76,7 +92,10 @@ pub fn decide(existing: Option<&Record>, intent: &Intent, policy: ClaimPolicy) -
         return Decision::Execute(ExecuteReason::Expired);
     }
     if record.fingerprint != intent.fingerprint {
-        return Decision::KeyReused;
+        return match (policy.on_change, record.status) {
+            (OnChange::Resend, Status::Completed) => Decision::Execute(ExecuteReason::Changed),
+            _ => Decision::KeyReused,
+        };
     }
     match record.status {
         Status::Completed => match &record.response {
@@ -127,10 +146,13 @@ pub fn transition(decision: Decision, existing: Option<&Record>, intent: &Intent
                 error_summary: None,
             })
         }
-        (Decision::Execute(_), Some(record)) => Transition::Write(Record {
+        (Decision::Execute(reason), Some(record)) => Transition::Write(Record {
+            fingerprint: intent.fingerprint,
             status: Status::InProgress,
             lease,
-            response: None,
+            // A changed payload keeps the previous answer until the new one replaces it:
+            // it holds what the destination already knows (captured external ids).
+            response: if reason == ExecuteReason::Changed { record.response.clone() } else { None },
             last_seen_at: now,
             expires_at: record.expires_at.max(now + intent.ttl_ms),
             attempt_count: record.attempt_count + 1,
@@ -253,7 +275,7 @@ mod tests {
             status in arb_status(), lease_in in prop::option::of(-50_000i64..50_000), retry in any::<bool>(),
         ) {
             let existing = record(status, 1, 1_000, lease_in, true);
-            let policy = ClaimPolicy { on_unknown: if retry { OnUnknown::Retry } else { OnUnknown::Review } };
+            let policy = ClaimPolicy { on_unknown: if retry { OnUnknown::Retry } else { OnUnknown::Review }, ..ClaimPolicy::default() };
             prop_assert_eq!(decide(Some(&existing), &intent(2), policy), Decision::KeyReused);
         }
 
@@ -282,7 +304,7 @@ mod tests {
             lease_in in prop::option::of(-1_000i64..1_000), retry in any::<bool>(), retained in any::<bool>(),
         ) {
             let existing = record(status, fp, expires_in, lease_in, retained);
-            let policy = ClaimPolicy { on_unknown: if retry { OnUnknown::Retry } else { OnUnknown::Review } };
+            let policy = ClaimPolicy { on_unknown: if retry { OnUnknown::Retry } else { OnUnknown::Review }, ..ClaimPolicy::default() };
             let incoming = intent(1);
             let decision = decide(Some(&existing), &incoming, policy);
             let leased = match transition(decision, Some(&existing), &incoming, 42) {
@@ -356,7 +378,7 @@ mod tests {
         let existing = record(Status::OutcomeUnknown, 1, 1_000, None, true);
         assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::OutcomeUnknown);
         assert_eq!(transition(Decision::OutcomeUnknown, Some(&existing), &intent(1), 0), Transition::None);
-        let retry = ClaimPolicy { on_unknown: OnUnknown::Retry };
+        let retry = ClaimPolicy { on_unknown: OnUnknown::Retry, ..ClaimPolicy::default() };
         assert_eq!(decide(Some(&existing), &intent(1), retry), Decision::Execute(ExecuteReason::UnknownRetry));
     }
 
@@ -370,6 +392,23 @@ mod tests {
         };
         assert_eq!(new.attempt_count, 2);
         assert_eq!(new.created_at, existing.created_at);
+    }
+
+    #[test]
+    fn a_changed_payload_is_resent_only_when_the_policy_says_so() {
+        let existing = record(Status::Completed, 1, 1_000, None, true);
+        let resend = ClaimPolicy { on_change: OnChange::Resend, ..ClaimPolicy::default() };
+        assert_eq!(decide(Some(&existing), &intent(2), ClaimPolicy::default()), Decision::KeyReused);
+        let decision = decide(Some(&existing), &intent(2), resend);
+        assert_eq!(decision, Decision::Execute(ExecuteReason::Changed));
+        let Transition::Write(claimed) = transition(decision, Some(&existing), &intent(2), 5) else {
+            panic!("a re-send claims the record");
+        };
+        assert_eq!(claimed.fingerprint, Fingerprint([2; 32]));
+        assert_eq!(claimed.status, Status::InProgress);
+        assert_eq!(claimed.response, existing.response, "the previous answer is kept until replaced");
+        let in_flight = record(Status::InProgress, 1, 1_000, Some(500), true);
+        assert_eq!(decide(Some(&in_flight), &intent(2), resend), Decision::KeyReused);
     }
 
     #[test]

@@ -11,8 +11,8 @@ pub mod record;
 pub mod units;
 
 pub use decision::{
-    ClaimPolicy, Decision, ExecuteReason, NotResolvable, OnUnknown, Resolution, Transition, decide, is_final_status,
-    resolve, transition,
+    ClaimPolicy, Decision, ExecuteReason, NotResolvable, OnChange, OnUnknown, Resolution, Transition, decide,
+    is_final_status, resolve, transition,
 };
 pub use fingerprint::{Fingerprint, FingerprintSpec};
 pub use record::{Intent, Lease, LeaseToken, Millis, Outcome, Record, RecordId, Status, StoredResponse};

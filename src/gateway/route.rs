@@ -57,7 +57,7 @@ pub struct Route {
 impl Route {
     /// The decision policy of this route.
     pub fn policy(&self) -> ClaimPolicy {
-        ClaimPolicy { on_unknown: self.on_unknown }
+        ClaimPolicy { on_unknown: self.on_unknown, on_change: crate::core::OnChange::Reject }
     }
 
     /// True when this route protects the request.

@@ -230,7 +230,7 @@ impl Gateway {
                 match reason {
                     ExecuteReason::RetryRecovery => metrics.retry_recovery(),
                     ExecuteReason::Expired => metrics.expired_key_retry(),
-                    ExecuteReason::New | ExecuteReason::UnknownRetry => {}
+                    ExecuteReason::New | ExecuteReason::UnknownRetry | ExecuteReason::Changed => {}
                 }
                 let response = self.execute(route, metrics, parts, body, &record, token, peer).await;
                 (Label::Executed, accepted(response, identified.odata))

@@ -24,7 +24,7 @@ macro_rules! conformance_tests {
             renew_extends_the_lease, retryable_failure_recovers, expired_record_is_claimed_anew,
             purge_removes_only_expired, unretained_response_is_gone, list_pages_newest_first,
             delete_forgets, resolve_settles_unknown, stats_count_by_scope_and_status,
-            tenants_never_meet, responses_round_trip_exactly);
+            tenants_never_meet, responses_round_trip_exactly, changed_payload_is_resent_when_allowed);
     };
     (@each $make:expr; $($case:ident),*) => {
         $(
@@ -65,8 +65,8 @@ fn response(status: u16, body: &'static str) -> StoredResponse {
     }
 }
 
-const REVIEW: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Review };
-const RETRY: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Retry };
+const REVIEW: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Review, on_change: crate::core::OnChange::Reject };
+const RETRY: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Retry, on_change: crate::core::OnChange::Reject };
 
 /// Claims and completes `key`, returning nothing; panics when the store disagrees.
 async fn complete(store: &dyn Store, key: &str, now: i64) {
@@ -340,4 +340,22 @@ pub async fn responses_round_trip_exactly(store: Arc<dyn Store>) {
         .unwrap();
     let replay = store.claim(&intent("k", 1, T0 + 1), REVIEW).await.unwrap();
     assert_eq!(replay.record.unwrap().response.unwrap(), answer);
+}
+
+/// With `OnChange::Resend` a completed key takes a changed payload: it is claimed again
+/// under the new fingerprint, keeping the previous answer until the new one replaces it.
+pub async fn changed_payload_is_resent_when_allowed(store: Arc<dyn Store>) {
+    complete(store.as_ref(), "k", T0).await;
+    let resend = ClaimPolicy { on_change: crate::core::OnChange::Resend, ..REVIEW };
+    let changed = store.claim(&intent("k", 2, T0 + 1), resend).await.unwrap();
+    assert_eq!(changed.decision, Decision::Execute(ExecuteReason::Changed));
+    let claimed = changed.record.unwrap();
+    assert_eq!(claimed.fingerprint, Fingerprint([2; 32]));
+    assert_eq!(claimed.response, Some(response(201, "{}")), "the previous answer is kept while re-sending");
+    let done = Outcome::Completed(response(200, "updated"));
+    assert!(store.finish(&claimed.id, changed.token.unwrap(), done, T0 + 2).await.unwrap());
+    let replay = store.claim(&intent("k", 2, T0 + 3), resend).await.unwrap();
+    assert_eq!(replay.decision, Decision::Replay);
+    assert_eq!(replay.record.unwrap().response.unwrap().body, Bytes::from_static(b"updated"));
+    assert_eq!(store.claim(&intent("k", 1, T0 + 4), REVIEW).await.unwrap().decision, Decision::KeyReused);
 }

@@ -162,7 +162,7 @@ fn intent(key: &str, now: Millis) -> Intent {
     }
 }
 
-const REVIEW: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Review };
+const REVIEW: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Review, on_change: crate::core::OnChange::Reject };
 
 #[tokio::test]
 async fn newer_schema_is_refused_untouched() {

@@ -14,7 +14,7 @@ use crate::store::{ListQuery, now_millis};
 
 crate::conformance_tests!({ fresh_store().await });
 
-const REVIEW: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Review };
+const REVIEW: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Review, on_change: crate::core::OnChange::Reject };
 
 fn base_url() -> String {
     std::env::var("IDEM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

@@ -2,7 +2,9 @@
 //! (and the end-to-end tests) can see a duplicate prevented. Request headers steer it:
 //! `X-Demo-Status: 503` answers that status, `X-Demo-Delay: 2s` executes at once but
 //! answers late, and
-//! `X-Demo-Fault: drop` closes the connection without answering.
+//! `X-Demo-Fault: drop` closes the connection without answering, and
+//! `X-Demo-Fail-First: N` answers `503` with `Retry-After: 0` to the first N calls carrying
+//! the same key (a transient outage that a retry gets past).
 //! `GET /_demo/stats` reports the calls; `POST /_demo/reset` clears them.
 
 use std::collections::BTreeMap;
@@ -84,15 +86,25 @@ async fn handle(calls: Arc<Mutex<Calls>>, request: Request<Incoming>) -> Result<
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let key =
         header("idempotency-key").or_else(|| header("repeatability-request-id")).or_else(|| header("x-request-id"));
-    let call = {
+    let (call, calls_for_key) = {
         let mut c = lock();
         c.total += 1;
         *c.by_path.entry(path.clone()).or_default() += 1;
-        if let Some(key) = &key {
-            *c.by_key.entry(key.clone()).or_default() += 1;
-        }
-        c.total
+        let for_key = key.as_ref().map(|key| {
+            let count = c.by_key.entry(key.clone()).or_default();
+            *count += 1;
+            *count
+        });
+        (c.total, for_key)
     };
+    let fail_first = header("x-demo-fail-first").and_then(|n| n.parse::<u64>().ok());
+    if let (Some(n), Some(count)) = (fail_first, calls_for_key) {
+        if count <= n {
+            let mut response = json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({ "error": "try again" }));
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("0"));
+            return Ok(response);
+        }
+    }
     // The call has taken effect; only its answer is late (the case idem exists for).
     if let Some(delay) = header("x-demo-delay").and_then(|d| humantime::parse_duration(&d).ok()) {
         tokio::time::sleep(delay.min(Duration::from_secs(600))).await;

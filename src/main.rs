@@ -30,6 +30,8 @@ enum Command {
     Gateway(GatewayArgs),
     /// Inspect and settle records in a store.
     Log(LogArgs),
+    /// Run a flow: send each source record through its steps, each step at most once.
+    Run(idem::runner::RunArgs),
     /// Run the demo upstream API (counts the calls it executes).
     DemoUpstream {
         /// Where to listen.
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
             Ok(code) => ExitCode::from(code),
             Err(e) => failure(&e),
         },
+        Command::Run(args) => ExitCode::from(runtime.block_on(idem::runner::run(args, shutdown_signal()))),
         Command::DemoUpstream { listen } => runtime.block_on(async {
             match tokio::net::TcpListener::bind(&listen).await {
                 Ok(listener) => {
@@ -138,12 +141,16 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
     }
 }
 
-/// Bad store URLs are bad input (2); everything else is a runtime failure (1).
+/// Bad store URLs and encryption keys are bad input (2); everything else is a runtime
+/// failure (1).
 fn failure(e: &anyhow::Error) -> ExitCode {
     eprintln!("idem: {e:#}");
-    let bad_input = e
-        .chain()
-        .any(|cause| matches!(cause.downcast_ref::<idem::store::Error>(), Some(idem::store::Error::BadUrl { .. })));
+    let bad_input = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<idem::store::Error>(),
+            Some(idem::store::Error::BadUrl { .. } | idem::store::Error::BadKey(_))
+        )
+    });
     ExitCode::from(if bad_input { 2 } else { 1 })
 }
 

@@ -14,6 +14,7 @@ use crate::core::{
 };
 
 pub mod conformance;
+pub mod encrypted;
 pub mod memory;
 pub mod postgres;
 pub mod redis;
@@ -45,6 +46,9 @@ pub enum Error {
         /// The newest version this build knows.
         supported: i64,
     },
+    /// An encryption key in the environment is malformed.
+    #[error("invalid encryption key: {0}")]
+    BadKey(String),
     /// No record with that id.
     #[error("no such record")]
     NotFound,
@@ -180,8 +184,20 @@ pub trait Store: Send + Sync + 'static {
     async fn stats(&self) -> Result<Vec<StatRow>, Error>;
 }
 
-/// Opens the store a URL names: `sqlite://PATH`, `postgres://…`, `redis://…`, `memory://`.
+/// Opens the store a URL names, sealing stored answers when `IDEM_ENCRYPTION_KEY` is set
+/// (see [`encrypted`]). Every entry point (gateway, runner, `idem log`) opens stores here,
+/// so they all read and write sealed answers alike.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
+    let keys = encrypted::Keys::from_env(|name| std::env::var(name).ok())?;
+    let store = open_plain(url).await?;
+    Ok(match keys {
+        Some(keys) => Arc::new(encrypted::EncryptedStore::new(store, keys)),
+        None => store,
+    })
+}
+
+/// Opens the store a URL names: `sqlite://PATH`, `postgres://…`, `redis://…`, `memory://`.
+pub async fn open_plain(url: &str) -> Result<Arc<dyn Store>, Error> {
     let bad = |reason: &str| Error::BadUrl { url: url.to_owned(), reason: reason.to_owned() };
     let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("expected SCHEME://…, e.g. sqlite://./idem.db"))?;
     match scheme {

@@ -3,6 +3,7 @@
 //! the upstream executed. One binary, one module per theme; `support` starts processes.
 
 mod admin;
+mod bad_input;
 mod decision;
 mod durability;
 mod failures;
@@ -11,6 +12,8 @@ mod lifecycle;
 mod log_cli;
 mod odata;
 mod replay;
+mod runner;
+mod security;
 mod shared_stores;
 mod support;
 mod tenants;

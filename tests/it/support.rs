@@ -329,6 +329,16 @@ impl Gateway {
             .join("\n")
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the gateway is running").id()
+    }
+
+    /// The client listener's host:port.
+    pub fn address(&self) -> &str {
+        &self.addr
+    }
+
     /// `kill -9`: the process dies without any chance to finish its work.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("the gateway is running");

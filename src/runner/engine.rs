@@ -1,0 +1,687 @@
+//! The engine of `idem run` (SPEC §5): reads records from the source, runs each record's
+//! steps in order, and guards every step of every record with a record in the store.
+//!
+//! A step's record lives at scope `"{flow}:{step}"`, tenant `""`, key = the record's primary
+//! key. The store decides (SPEC §2) inside `Store::claim`; the engine only acts on the
+//! decision, as the gateway does: the intent is durable before the call, the answer is
+//! recorded right after it, and a crash in between leaves a lease that runs out. So a run
+//! killed at any point is resumed by running it again, without a duplicate call.
+//!
+//! The ledger: a completed step stores its status and `{"captures": {…}}` (the values its
+//! `capture` pointers found in the answer), never the rest of the answer. Later steps, in
+//! this run or a resumed one, read `{{steps.S.C}}` from there.
+//!
+//! Choices SPEC §5 leaves open, made here:
+//!
+//! - The fingerprint is the SHA-256 of the primary key for `primary_key` (changed data is
+//!   still "already sent"), and of the RFC 8785 JSON of method, URL and body of the step's own
+//!   request for `primary_key_hash` (not of the `when_known` update, so create and update of
+//!   one version of a record are one intent).
+//! - The idempotency header carries `{flow}:{step}:{pk}`, plus `:` and 16 hex digits of the
+//!   fingerprint for `primary_key_hash`; a key that is not visible ASCII is replaced by
+//!   `sha256:` and its hash. `{{key}}` in templates is that value without the fingerprint
+//!   part (which depends on what the templates render).
+//! - A lost call is re-executed (in this run, or by a later one once its lease ran out) only
+//!   when safe: the claim policy says `on_unknown = Retry` exactly then.
+//! - An update (`when_known`) keeps the ids the create captured; its answer only adds values
+//!   they lack.
+//! - The lease is `2 × timeout + 1 s`, renewed every third of it: a re-run after a crash waits
+//!   at most that long for a step the dead run held.
+//! - Known limit: a changed record whose update fails loses its previous captures from the
+//!   store (`Outcome::apply` clears the answer of a failed attempt); this run keeps them in
+//!   memory for its own retries, but a later run would send the create again. Should the
+//!   core keep the previous answer on failed attempts, the engine already reads it from any
+//!   claimed record.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::call::{self, Call, Variant, Verdict};
+use super::flow::{self, Flow, SourceInput, Step};
+use super::output::{self, RecordReport, ReportFile, StepReport, StepResult, Summary};
+use super::source::{self, Item, SourceRecord};
+use super::template::Context;
+use crate::core::units::millis;
+use crate::core::{
+    ClaimPolicy, Decision, ExecuteReason, Fingerprint, Intent, LeaseToken, Millis, OnChange, OnUnknown, Outcome,
+    Record, RecordId, decide,
+};
+use crate::store::{self, Claim, Store, now_millis};
+
+/// How a run is changed from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Store URL instead of the flow's.
+    pub store: Option<String>,
+    /// Where to write one JSON line per record.
+    pub report: Option<PathBuf>,
+    /// Print what would be sent; send nothing, write nothing to the store.
+    pub dry_run: bool,
+}
+
+/// Why a run could not start or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The source cannot be read at all.
+    #[error(transparent)]
+    Source(#[from] source::Error),
+    /// The store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The report file cannot be written.
+    #[error("cannot write the report {}: {source}", path.display())]
+    Report {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP client cannot be built.
+    #[error("cannot start the HTTP client: {0}")]
+    Client(String),
+}
+
+impl Error {
+    /// True for mistakes in the input (exit status 2), as opposed to an outage.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Error::Source(e) => !e.is_retryable(),
+            Error::Store(e) => matches!(e, store::Error::BadUrl { .. } | store::Error::TooNew { .. }),
+            Error::Report { .. } => true,
+            Error::Client(_) => false,
+        }
+    }
+}
+
+/// A guard step's record is never forgotten: "at most once, ever" (about a hundred years).
+const GUARD_TTL_MS: Millis = 100 * 365 * 24 * 3600 * 1000;
+
+/// Runs a flow to the end of its source and returns the counts. When `stop` completes (a
+/// signal), no further record is started; the records in flight finish, so nothing is left
+/// `in_progress`, and a later run resumes where this one stopped.
+pub async fn execute(flow: Flow, options: &Options, stop: impl Future<Output = ()>) -> Result<Summary, Error> {
+    let store = open_store(&flow, options).await?;
+    let records = source::open(&source_of(&flow.source.input)).await?;
+    let report = match &options.report {
+        Some(path) => Some(ReportFile::create(path).map_err(|source| Error::Report { path: path.clone(), source })?),
+        None => None,
+    };
+    let engine = Arc::new(Engine::new(flow, store, options.dry_run)?);
+    let summary = engine.drive(records, report, stop).await;
+    match (summary, &options.report) {
+        (Ok(summary), _) => Ok(summary),
+        (Err(source), Some(path)) => Err(Error::Report { path: path.clone(), source }),
+        (Err(source), None) => Err(Error::Report { path: PathBuf::from("-"), source }),
+    }
+}
+
+/// The shared state of a run: one store, one HTTP client (keep-alive), one rate limiter.
+struct Engine {
+    flow: Flow,
+    store: Arc<dyn Store>,
+    http: reqwest::Client,
+    /// Paces every call of every step together (`rate_limit`); `None` is unlimited.
+    limiter: Option<DefaultDirectRateLimiter>,
+    /// How long a claim holds without renewal: longer than one call, so a live runner never
+    /// loses it; short enough that a re-run after a crash does not wait long.
+    lease: Duration,
+    dry_run: bool,
+}
+
+/// One step of one record, identified: what the store and the API see.
+struct Unit<'a> {
+    step: &'a Step,
+    fields: &'a Map<String, Value>,
+    /// Captures of the record's earlier steps.
+    captures: &'a HashMap<String, Map<String, Value>>,
+    id: RecordId,
+    fingerprint: Fingerprint,
+    /// `{{key}}` in templates: the idempotency key without the fingerprint suffix, which
+    /// would depend on what the templates render.
+    stem: String,
+    /// The value of the idempotency header.
+    key: String,
+    /// The step's own request (the create).
+    base: Call,
+}
+
+impl Engine {
+    fn new(flow: Flow, store: Arc<dyn Store>, dry_run: bool) -> Result<Self, Error> {
+        let http = reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(30))
+            .user_agent(concat!("idem/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Client(e.to_string()))?;
+        let limiter = flow
+            .rate_limit
+            .filter(|rate| *rate > 0.0)
+            .and_then(|rate| Quota::with_period(Duration::from_secs_f64(1.0 / rate)))
+            .map(RateLimiter::direct);
+        let lease = flow.timeout * 2 + Duration::from_secs(1);
+        Ok(Self { flow, store, http, limiter, lease, dry_run })
+    }
+
+    /// Keeps `concurrency` records in flight; the source is read as records finish, so
+    /// memory stays flat however long it is.
+    async fn drive(
+        self: Arc<Self>,
+        mut records: mpsc::Receiver<Item>,
+        mut report: Option<ReportFile>,
+        stop: impl Future<Output = ()>,
+    ) -> std::io::Result<Summary> {
+        let bar = output::progress();
+        let mut summary = Summary::default();
+        let mut running: JoinSet<RecordReport> = JoinSet::new();
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut stop => {
+                    summary.interrupted = true;
+                    bar.suspend(|| eprintln!("idem: stopping: finishing the records in flight; run again to resume"));
+                    break;
+                }
+                Some(done) = running.join_next(), if running.len() >= self.flow.concurrency => {
+                    record_done(done, &mut summary, &mut report, &bar)?;
+                }
+                item = records.recv(), if running.len() < self.flow.concurrency => match item {
+                    None => break,
+                    Some(Ok(record)) => {
+                        let engine = self.clone();
+                        running.spawn(async move { engine.process(record).await });
+                    }
+                    Some(Err(bad)) => record_done(Ok(bad_line(bad)), &mut summary, &mut report, &bar)?,
+                },
+            }
+        }
+        while let Some(done) = running.join_next().await {
+            record_done(done, &mut summary, &mut report, &bar)?;
+        }
+        bar.finish_and_clear();
+        if let Some(report) = report {
+            report.finish()?;
+        }
+        Ok(summary)
+    }
+
+    /// Runs a record's steps in order; a step that does not complete holds back the rest.
+    async fn process(&self, record: SourceRecord) -> RecordReport {
+        let key = match source::primary_key(&record.fields, &self.flow.source.primary_key) {
+            Ok(key) => key,
+            Err(e) => {
+                let error = Some(format!("not sent: {e}"));
+                return RecordReport { line: record.line, key: None, steps: Vec::new(), error };
+            }
+        };
+        let mut captures: HashMap<String, Map<String, Value>> = HashMap::new();
+        let mut steps: Vec<StepReport> = Vec::with_capacity(self.flow.steps.len());
+        for step in &self.flow.steps {
+            if steps.last().is_some_and(|s| !s.result.lets_record_go_on()) {
+                steps.push(StepReport::new(&step.name, StepResult::SkippedAfterFailure));
+                continue;
+            }
+            let pending = steps.iter().any(|s| s.result == StepResult::WouldSend);
+            let report = self.step(step, &record.fields, &key, &captures, pending).await;
+            captures.insert(step.name.clone(), report.captures.clone());
+            steps.push(report);
+        }
+        RecordReport { line: record.line, key: Some(key), steps, error: None }
+    }
+
+    /// Renders and identifies one step, then executes it (or previews it in a dry run).
+    /// `pending`: a dry run has an earlier step that would be sent, whose captures are not
+    /// known yet.
+    async fn step(
+        &self,
+        step: &Step,
+        fields: &Map<String, Value>,
+        pk: &str,
+        captures: &HashMap<String, Map<String, Value>>,
+        pending: bool,
+    ) -> StepReport {
+        let stem = call::key_stem(&self.flow.name, &step.name, pk);
+        let ctx = Context { record: fields, steps: captures, key: &stem };
+        let base = match call::render(step, Variant::Create, &ctx) {
+            Ok(call) => call,
+            Err(_) if pending => {
+                println!(
+                    "would send {} {} for {pk} (with values from the answers of earlier steps)",
+                    step.method, step.url
+                );
+                return StepReport::new(&step.name, StepResult::WouldSend);
+            }
+            Err(e) => return StepReport::review(&step.name, StepResult::NeedsReview, format!("not sent: {e}")),
+        };
+        let fingerprint = call::fingerprint(step.key_strategy, pk, &base);
+        let key = call::idempotency_key(step.key_strategy, &stem, &fingerprint);
+        let id = RecordId::new(self.flow.scope(&step.name), "", pk);
+        let unit = Unit { step, fields, captures, id, fingerprint, stem, key, base };
+        if self.dry_run { self.preview(&unit).await } else { self.guarded(&unit).await }
+    }
+
+    /// Claims, sends and records one step until it settles: retryable failures are retried
+    /// with backoff (each attempt claimed and finished on its own, so a crash between
+    /// attempts is safe), up to `max_attempts`.
+    async fn guarded(&self, unit: &Unit<'_>) -> StepReport {
+        let mut report = StepReport::new(&unit.step.name, StepResult::Sent);
+        // The captures of an earlier answer, once a changed record is claimed: they route it
+        // to `when_known`, for every attempt of this run.
+        let mut known = Map::new();
+        let mut attempts = 0;
+        let waiting_until = Instant::now() + self.lease + self.flow.timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let claim = match self.claim(unit).await {
+                Ok(claim) => claim,
+                Err(e) => return StepReport::review(&unit.step.name, StepResult::Failed, e.to_string()),
+            };
+            let (reason, token) = match (claim.decision, claim.token) {
+                (Decision::Execute(reason), Some(token)) => (reason, token),
+                // Another runner holds the step: wait for it to finish (or its lease to run out).
+                (Decision::InFlight, _) if Instant::now() < waiting_until => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                (decision, _) => return settled(report, decision, claim.record.as_ref()),
+            };
+            if reason == ExecuteReason::Changed {
+                report.result = StepResult::Resent;
+            }
+            // A claimed record carries the previous answer when the store kept it (today: a
+            // changed record); a later claim of this run without it keeps what was known.
+            let carried = call::stored_captures(claim.record.as_ref().and_then(|r| r.response.as_ref()));
+            if !carried.is_empty() {
+                known = carried;
+            }
+            attempts += 1;
+            let verdict = self.attempt(unit, token, &known).await;
+            report.calls += 1;
+            report.status = verdict.status;
+            if attempts < self.flow.max_attempts && worth_another_attempt(unit.step, &verdict) {
+                tokio::time::sleep(call::backoff(attempts, verdict.retry_after)).await;
+                continue;
+            }
+            return finished(report, verdict);
+        }
+    }
+
+    /// One call under a claim: rendered (as an update once captures are known), sent with
+    /// the lease renewed meanwhile, judged, and recorded.
+    async fn attempt(&self, unit: &Unit<'_>, token: LeaseToken, known: &Map<String, Value>) -> Verdict {
+        let renewal = self.keep_lease(unit.id.clone(), token);
+        let call = match self.request(unit, known) {
+            Ok(call) => call,
+            Err(error) => {
+                let error = format!("not sent: {error}");
+                let verdict = Verdict {
+                    outcome: Outcome::NeedsReview { error },
+                    captures: Map::new(),
+                    status: None,
+                    retryable: false,
+                    retry_after: None,
+                };
+                drop(renewal);
+                self.finish(&unit.id, token, verdict.outcome.clone()).await;
+                return verdict;
+            }
+        };
+        if let Some(limiter) = &self.limiter {
+            limiter.until_ready().await;
+        }
+        let header = unit.step.idempotency_header.as_ref().map(|name| (name, unit.key.as_str()));
+        let answer = call::send(&self.http, &call, header, self.flow.timeout).await;
+        drop(renewal);
+        // An update keeps the ids the create captured; a create (again) takes the new ones.
+        let updated = if known.is_empty() || unit.step.when_known.is_none() { &Map::new() } else { known };
+        let verdict = call::judge(unit.step, &call, answer, updated);
+        if !matches!(verdict.outcome, Outcome::Completed(_)) {
+            tracing::debug!(scope = %unit.id.scope, status = verdict.outcome.status().as_str(), "a step did not complete");
+        }
+        self.finish(&unit.id, token, verdict.outcome.clone()).await;
+        verdict
+    }
+
+    /// The request to send: `when_known` once this step has captured values, else the create.
+    fn request(&self, unit: &Unit<'_>, known: &Map<String, Value>) -> Result<Call, String> {
+        if known.is_empty() || unit.step.when_known.is_none() {
+            return Ok(unit.base.clone());
+        }
+        let mut steps = unit.captures.clone();
+        steps.insert(unit.step.name.clone(), known.clone());
+        let ctx = Context { record: unit.fields, steps: &steps, key: &unit.stem };
+        call::render(unit.step, Variant::Update, &ctx)
+    }
+
+    /// `--dry-run`: the same decision, made on what the store holds (read only).
+    async fn preview(&self, unit: &Unit<'_>) -> StepReport {
+        let report = StepReport::new(&unit.step.name, StepResult::WouldSend);
+        let existing = match self.store.get(&unit.id).await {
+            Ok(existing) => existing,
+            Err(e) => return StepReport::review(&unit.step.name, StepResult::Failed, e.to_string()),
+        };
+        let decision = decide(existing.as_ref(), &self.intent(unit), policy(unit.step));
+        let Decision::Execute(reason) = decision else { return settled(report, decision, existing.as_ref()) };
+        let known = match reason {
+            ExecuteReason::Changed => call::stored_captures(existing.as_ref().and_then(|r| r.response.as_ref())),
+            _ => Map::new(),
+        };
+        let call = self.request(unit, &known).unwrap_or_else(|_| unit.base.clone());
+        let header = match &unit.step.idempotency_header {
+            Some(name) => format!(" [{name}: {}]", unit.key),
+            None => String::new(),
+        };
+        println!("would send {} {}{header} {}", call.method, call.url, call.body);
+        StepReport { captures: known, ..report }
+    }
+
+    fn intent(&self, unit: &Unit<'_>) -> Intent {
+        let ttl_ms = if unit.step.guard { GUARD_TTL_MS } else { millis(self.flow.retention) };
+        Intent {
+            id: unit.id.clone(),
+            fingerprint: unit.fingerprint,
+            now: now_millis(),
+            ttl_ms,
+            lease_ms: millis(self.lease),
+            correlation_id: None,
+        }
+    }
+
+    /// Claims a step, retrying a store outage for a few seconds.
+    async fn claim(&self, unit: &Unit<'_>) -> Result<Claim, store::Error> {
+        let mut pause = Duration::from_millis(50);
+        let mut tries = 0;
+        loop {
+            match self.store.claim(&self.intent(unit), policy(unit.step)).await {
+                Err(error) if error.is_retryable() && tries < 5 => {
+                    tracing::warn!(%error, "store unavailable; will try again");
+                    tries += 1;
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Renews the lease every third of its length until the returned handle is dropped.
+    fn keep_lease(&self, id: RecordId, token: LeaseToken) -> AbortOnDropHandle<()> {
+        let store = self.store.clone();
+        let lease = self.lease;
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                match store.renew(&id, token, now_millis() + millis(lease)).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(scope = %id.scope, "lease lost while the call runs");
+                        return;
+                    }
+                    Err(error) => tracing::warn!(%error, "could not renew a lease; will try again"),
+                }
+            }
+        }))
+    }
+
+    /// Records an outcome, retrying a store outage for a few seconds. If it still fails,
+    /// the lease runs out and the step becomes `outcome_unknown`: explicit, never a
+    /// duplicate.
+    async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome) {
+        let mut pause = Duration::from_millis(50);
+        for attempt in 0..6 {
+            match self.store.finish(id, token, outcome.clone(), now_millis()).await {
+                Ok(true) => return,
+                Ok(false) => {
+                    tracing::warn!(scope = %id.scope, "lease lost before the answer was recorded");
+                    return;
+                }
+                Err(error) if error.is_retryable() && attempt < 5 => {
+                    tracing::warn!(%error, "could not record an answer; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(error) => {
+                    tracing::error!(%error, scope = %id.scope, "could not record an answer; it becomes outcome_unknown when its lease runs out");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Re-sending a call that may have taken effect is safe when the destination can tell it
+/// is the same call (an idempotency header), when HTTP defines the method as idempotent, or
+/// when the flow says so. Never for a guard step.
+fn unknown_is_safe(step: &Step) -> bool {
+    !step.guard
+        && (step.idempotency_header.is_some()
+            || matches!(step.method, http::Method::PUT | http::Method::DELETE)
+            || step.on_unknown == OnUnknown::Retry)
+}
+
+/// A retryable failure may be tried again now; so may a call that was lost, when re-sending
+/// it is safe (the next claim then re-executes it: the policy says `on_unknown = Retry`).
+fn worth_another_attempt(step: &Step, verdict: &Verdict) -> bool {
+    match &verdict.outcome {
+        Outcome::Retryable { .. } => verdict.retryable,
+        Outcome::Unknown { .. } => unknown_is_safe(step),
+        _ => false,
+    }
+}
+
+/// The claim policy of a step: an unknown outcome is re-executed only when that is safe,
+/// and a changed record is sent again only with `resend_on_change`.
+fn policy(step: &Step) -> ClaimPolicy {
+    ClaimPolicy {
+        on_unknown: if unknown_is_safe(step) { OnUnknown::Retry } else { OnUnknown::Review },
+        on_change: if step.resend_on_change { OnChange::Resend } else { OnChange::Reject },
+    }
+}
+
+/// The report of a step the store did not let execute.
+fn settled(mut report: StepReport, decision: Decision, record: Option<&Record>) -> StepReport {
+    let stored = || call::stored_captures(record.and_then(|r| r.response.as_ref()));
+    let summary = || record.and_then(|r| r.error_summary.clone());
+    let status = record.map_or("missing", |r| r.status.as_str());
+    let (result, error) = match decision {
+        Decision::Replay | Decision::NotRetained => (StepResult::AlreadySent, None),
+        Decision::KeyReused if status == "completed" => (StepResult::ChangedNotResent, None),
+        Decision::KeyReused => {
+            let why =
+                format!("the record changed while its previous attempt is {status}; `idem log rm` to send it anew");
+            (StepResult::NeedsReview, Some(why))
+        }
+        Decision::InFlight => (StepResult::NeedsReview, Some("another run is still sending this step".to_owned())),
+        Decision::OutcomeUnknown => (
+            StepResult::Unknown,
+            Some(
+                summary().unwrap_or_else(|| "sent earlier and never answered".into())
+                    + "; settle it with `idem log resolve`",
+            ),
+        ),
+        Decision::NeedsReview => (StepResult::NeedsReview, summary().or_else(|| Some("marked needs_review".into()))),
+        Decision::Execute(_) => (StepResult::Failed, Some("the store granted no lease".to_owned())),
+    };
+    if result.lets_record_go_on() {
+        report.captures = stored();
+    }
+    report.result = result;
+    report.error = error;
+    report
+}
+
+/// The report of a step that executed, from its last verdict.
+fn finished(mut report: StepReport, verdict: Verdict) -> StepReport {
+    match verdict.outcome {
+        Outcome::Completed(_) => report.captures = verdict.captures,
+        Outcome::Retryable { error } => {
+            report.result = StepResult::Failed;
+            report.error = Some(error);
+        }
+        Outcome::Unknown { error } => {
+            report.result = StepResult::Unknown;
+            report.error = Some(error);
+        }
+        Outcome::NeedsReview { error } => {
+            report.result = StepResult::NeedsReview;
+            report.error = Some(error);
+        }
+    }
+    report
+}
+
+/// The report of a source line that is not a record.
+fn bad_line(bad: source::BadRecord) -> RecordReport {
+    RecordReport { line: bad.line, key: None, steps: Vec::new(), error: Some(bad.message) }
+}
+
+/// Counts a finished record, writes its report line and shows its problems.
+fn record_done(
+    done: Result<RecordReport, tokio::task::JoinError>,
+    summary: &mut Summary,
+    report: &mut Option<ReportFile>,
+    bar: &indicatif::ProgressBar,
+) -> std::io::Result<()> {
+    let record = match done {
+        Ok(record) => record,
+        Err(e) => {
+            // A panic in one record's task: count it, never stop the others.
+            bar.suspend(|| eprintln!("idem: a record's task failed: {e}"));
+            summary.needs_review += 1;
+            return Ok(());
+        }
+    };
+    summary.add(&record);
+    bar.inc(1);
+    bar.set_message(format!(
+        "{} calls, {} already sent, {} need review",
+        summary.calls_sent, summary.already_sent, summary.needs_review
+    ));
+    for line in output::problem_lines(&record) {
+        bar.suspend(|| eprintln!("{line}"));
+    }
+    match report {
+        Some(file) => file.write(&record),
+        None => Ok(()),
+    }
+}
+
+/// The store of a run. A dry run writes nothing, so a SQLite file that does not exist yet is
+/// not created: an empty store in memory stands in for it.
+async fn open_store(flow: &Flow, options: &Options) -> Result<Arc<dyn Store>, store::Error> {
+    let url = options.store.as_deref().unwrap_or(&flow.store);
+    if options.dry_run {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            let path = path.split('?').next().unwrap_or(path);
+            if !std::path::Path::new(path).exists() {
+                return store::open("memory://").await;
+            }
+        }
+    }
+    // Another process opening the same SQLite file at the same moment (two runs started
+    // together) holds it locked for a moment: worth a few more tries, as is a store outage.
+    let mut pause = Duration::from_millis(50);
+    for _ in 0..8 {
+        match store::open(url).await {
+            Err(error) if error.is_retryable() => {
+                tracing::warn!(%error, "cannot open the store yet; will try again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+    store::open(url).await
+}
+
+fn source_of(input: &SourceInput) -> source::Source {
+    let file = |input: &flow::Input| match input {
+        flow::Input::Stdin => source::Input::Stdin,
+        flow::Input::File(path) => source::Input::File(path.clone()),
+    };
+    match input {
+        SourceInput::Jsonl(input) => source::Source::Jsonl(file(input)),
+        SourceInput::Csv(input) => source::Source::Csv(file(input)),
+        SourceInput::Postgres { url, query } => source::Source::Postgres { url: url.clone(), query: query.clone() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{Status, StoredResponse};
+
+    fn step(toml: &str) -> Step {
+        let text =
+            format!("flow = \"f\"\n[source]\njsonl = \"x\"\nprimary_key = [\"id\"]\n[[steps]]\nname = \"s\"\n{toml}");
+        flow::parse(&text).expect("a valid flow").steps.remove(0)
+    }
+
+    #[test]
+    fn the_example_flow_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/orders-to-accounting.toml");
+        let flow = flow::load(&path).expect("examples/ holds a valid flow");
+        assert_eq!(flow.steps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["customer", "invoice", "email"]);
+    }
+
+    #[test]
+    fn lost_calls_are_re_executed_only_when_safe() {
+        let retry = |toml: &str| policy(&step(toml)).on_unknown == OnUnknown::Retry;
+        assert!(retry("url = \"http://h/x\""), "the default idempotency header makes it safe");
+        assert!(!retry("url = \"http://h/x\"\nidempotency_header = \"\""), "a bare POST is not");
+        assert!(retry("url = \"http://h/x\"\nidempotency_header = \"\"\nmethod = \"PUT\""));
+        assert!(retry("url = \"http://h/x\"\nidempotency_header = \"\"\nmethod = \"DELETE\""));
+        assert!(retry("url = \"http://h/x\"\nidempotency_header = \"\"\non_unknown = \"retry\""));
+        assert!(!retry("url = \"http://h/x\"\nmethod = \"PUT\"\nguard = true"), "never a guard");
+        let changed = |toml: &str| policy(&step(toml)).on_change;
+        assert_eq!(changed("url = \"http://h/x\""), OnChange::Reject);
+        let resend = "url = \"http://h/x\"\nkey_strategy = \"primary_key_hash\"\nresend_on_change = true";
+        assert_eq!(changed(resend), OnChange::Resend);
+    }
+
+    #[test]
+    fn settled_steps_read_their_captures_from_the_ledger() {
+        let mut record = Record {
+            id: RecordId::new("f:s", "", "o-1"),
+            fingerprint: Fingerprint([0; 32]),
+            status: Status::Completed,
+            lease: None,
+            response: Some(StoredResponse {
+                status: 201,
+                headers: vec![],
+                body: r#"{"captures":{"id":"x-1"}}"#.into(),
+                retained: true,
+            }),
+            created_at: 0,
+            last_seen_at: 0,
+            expires_at: 1,
+            replay_count: 0,
+            attempt_count: 1,
+            correlation_id: None,
+            error_summary: None,
+        };
+        let report = || StepReport::new("s", StepResult::Sent);
+        let replayed = settled(report(), Decision::Replay, Some(&record));
+        assert_eq!((replayed.result, replayed.captures["id"].as_str()), (StepResult::AlreadySent, Some("x-1")));
+        let changed = settled(report(), Decision::KeyReused, Some(&record));
+        assert_eq!((changed.result, changed.captures["id"].as_str()), (StepResult::ChangedNotResent, Some("x-1")));
+        record.status = Status::FailedRetryable;
+        let stuck = settled(report(), Decision::KeyReused, Some(&record));
+        assert_eq!(stuck.result, StepResult::NeedsReview, "{stuck:?}");
+        record.status = Status::OutcomeUnknown;
+        record.error_summary = Some("POST /x: no answer".into());
+        let unknown = settled(report(), Decision::OutcomeUnknown, Some(&record));
+        assert_eq!(unknown.result, StepResult::Unknown);
+        assert!(unknown.error.as_deref().is_some_and(|e| e.starts_with("POST /x: no answer")), "{unknown:?}");
+        assert!(unknown.captures.is_empty());
+    }
+}

@@ -146,13 +146,14 @@ pub fn transition(decision: Decision, existing: Option<&Record>, intent: &Intent
                 error_summary: None,
             })
         }
-        (Decision::Execute(reason), Some(record)) => Transition::Write(Record {
+        (Decision::Execute(_), Some(record)) => Transition::Write(Record {
             fingerprint: intent.fingerprint,
             status: Status::InProgress,
             lease,
-            // A changed payload keeps the previous answer until the new one replaces it:
-            // it holds what the destination already knows (captured external ids).
-            response: if reason == ExecuteReason::Changed { record.response.clone() } else { None },
+            // Re-executing keeps the previous answer until a new one replaces it: after a
+            // changed payload (and a failed re-send of it) it holds what the destination
+            // already knows (captured external ids); otherwise there is none.
+            response: record.response.clone(),
             last_seen_at: now,
             expires_at: record.expires_at.max(now + intent.ttl_ms),
             attempt_count: record.attempt_count + 1,

@@ -201,6 +201,13 @@ impl Outcome {
         }
     }
 
+    /// True when this outcome replaces the record's stored answer. A failed attempt keeps
+    /// the previous answer: only a re-send of a changed payload has one, and it holds what
+    /// the destination already knows (captured external ids) until a new answer replaces it.
+    pub fn replaces_response(&self) -> bool {
+        matches!(self, Outcome::Completed(_))
+    }
+
     /// Applies the outcome to a record the caller owns: the pure half of `Store::finish`.
     pub fn apply(self, record: &mut Record, now: Millis) {
         record.status = self.status();
@@ -212,7 +219,6 @@ impl Outcome {
                 record.error_summary = None;
             }
             Outcome::Retryable { error } | Outcome::Unknown { error } | Outcome::NeedsReview { error } => {
-                record.response = None;
                 record.error_summary = Some(error);
             }
         }

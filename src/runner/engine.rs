@@ -27,11 +27,9 @@
 //!   they lack.
 //! - The lease is `2 × timeout + 1 s`, renewed every third of it: a re-run after a crash waits
 //!   at most that long for a step the dead run held.
-//! - Known limit: a changed record whose update fails loses its previous captures from the
-//!   store (`Outcome::apply` clears the answer of a failed attempt); this run keeps them in
-//!   memory for its own retries, but a later run would send the create again. Should the
-//!   core keep the previous answer on failed attempts, the engine already reads it from any
-//!   claimed record.
+//! - A changed record whose update fails keeps its previous captures in the store (a failed
+//!   attempt keeps the record's previous answer, see `Outcome::replaces_response`), so a
+//!   later run still sends the update to the known id, never a second create.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

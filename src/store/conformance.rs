@@ -352,8 +352,16 @@ pub async fn changed_payload_is_resent_when_allowed(store: Arc<dyn Store>) {
     let claimed = changed.record.unwrap();
     assert_eq!(claimed.fingerprint, Fingerprint([2; 32]));
     assert_eq!(claimed.response, Some(response(201, "{}")), "the previous answer is kept while re-sending");
+    // A failed re-send keeps it too, so the next attempt still knows the external ids.
+    let failed = Outcome::Retryable { error: "upstream answered 503".into() };
+    assert!(store.finish(&claimed.id, changed.token.unwrap(), failed, T0 + 2).await.unwrap());
+    let stored = store.get(&claimed.id).await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.response), (Status::FailedRetryable, Some(response(201, "{}"))));
+    let again = store.claim(&intent("k", 2, T0 + 2), resend).await.unwrap();
+    assert_eq!(again.decision, Decision::Execute(ExecuteReason::RetryRecovery));
+    assert_eq!(again.record.unwrap().response, Some(response(201, "{}")));
     let done = Outcome::Completed(response(200, "updated"));
-    assert!(store.finish(&claimed.id, changed.token.unwrap(), done, T0 + 2).await.unwrap());
+    assert!(store.finish(&claimed.id, again.token.unwrap(), done, T0 + 2).await.unwrap());
     let replay = store.claim(&intent("k", 2, T0 + 3), resend).await.unwrap();
     assert_eq!(replay.decision, Decision::Replay);
     assert_eq!(replay.record.unwrap().response.unwrap().body, Bytes::from_static(b"updated"));

@@ -375,35 +375,41 @@ fn finish_owned(
     now: Millis,
 ) -> Result<bool, Error> {
     let status = outcome.status();
-    let (response, error) = match outcome {
-        Outcome::Completed(response) => (Some(response), None),
-        Outcome::Retryable { error } | Outcome::Unknown { error } | Outcome::NeedsReview { error } => {
-            (None, Some(error))
+    let owned = "WHERE scope = ?1 AND tenant = ?2 AND key = ?3 AND status = 'in_progress' AND lease_token = ?4";
+    let changed = match outcome {
+        Outcome::Completed(response) => {
+            let headers = serde_json::to_string(&response.headers).map_err(unavailable)?;
+            conn.prepare_cached(&format!(
+                "UPDATE records SET status = ?5, lease_token = NULL, locked_until = NULL, resp_status = ?6,
+                        resp_headers = ?7, resp_body = ?8, resp_retained = ?9, last_seen_at = ?10,
+                        error_summary = NULL {owned}"
+            ))
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    id.scope,
+                    id.tenant,
+                    id.key,
+                    token as i64,
+                    status.as_str(),
+                    response.status,
+                    headers,
+                    response.body.as_ref(),
+                    response.retained,
+                    now,
+                ])
+            })
         }
+        // A failed attempt keeps the previous answer (see `Outcome::replaces_response`).
+        Outcome::Retryable { error } | Outcome::Unknown { error } | Outcome::NeedsReview { error } => conn
+            .prepare_cached(&format!(
+                "UPDATE records SET status = ?5, lease_token = NULL, locked_until = NULL, last_seen_at = ?6,
+                        error_summary = ?7 {owned}"
+            ))
+            .and_then(|mut stmt| {
+                stmt.execute(params![id.scope, id.tenant, id.key, token as i64, status.as_str(), now, error])
+            }),
     };
-    let headers = response.as_ref().map(|r| serde_json::to_string(&r.headers)).transpose().map_err(unavailable)?;
-    conn.prepare_cached(
-        "UPDATE records SET status = ?5, lease_token = NULL, locked_until = NULL, resp_status = ?6,
-                resp_headers = ?7, resp_body = ?8, resp_retained = ?9, last_seen_at = ?10, error_summary = ?11
-         WHERE scope = ?1 AND tenant = ?2 AND key = ?3 AND status = 'in_progress' AND lease_token = ?4",
-    )
-    .and_then(|mut stmt| {
-        stmt.execute(params![
-            id.scope,
-            id.tenant,
-            id.key,
-            token as i64,
-            status.as_str(),
-            response.as_ref().map(|r| r.status),
-            headers,
-            response.as_ref().map(|r| r.body.as_ref()),
-            response.as_ref().map(|r| r.retained),
-            now,
-            error,
-        ])
-    })
-    .map(|n| n == 1)
-    .map_err(unavailable)
+    changed.map(|n| n == 1).map_err(unavailable)
 }
 
 #[async_trait]

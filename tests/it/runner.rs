@@ -391,6 +391,52 @@ key_strategy = "primary_key_hash"
 }
 
 #[tokio::test]
+async fn an_update_that_failed_in_one_run_is_sent_as_an_update_by_the_next() {
+    let upstream = Upstream::start().await;
+    let dir = Dir::new();
+    let url = upstream.url();
+    let steps = format!(
+        r#"
+[[steps]]
+name = "invoice"
+url = "{url}/invoices"
+body = {{ order = "{{{{record.id}}}}", amount = "{{{{record.amount}}}}" }}
+key_strategy = "primary_key_hash"
+resend_on_change = true
+capture = {{ invoice_id = "/id" }}
+when_known = {{ method = "PATCH", url = "{url}/invoices/{{{{steps.invoice.invoice_id}}}}" }}
+headers = {{ X-Demo-Fail-First = "{{{{record.fail}}}}" }}
+"#
+    );
+    dir.flow("max_attempts = 1", &steps);
+    dir.data(&[r#"{"id": "o-1", "amount": 10, "fail": 0}"#]);
+    assert_eq!(dir.run(&[]).code, Some(0));
+    let stats = upstream.stats().await;
+    let created = stats["by_path"].as_object().expect("paths").keys().len();
+    assert_eq!(created, 1, "{stats}");
+
+    // The changed record's update fails (503, no attempts left): this run ends with it
+    // failed, and the ledger must still know the invoice's id.
+    dir.data(&[r#"{"id": "o-1", "amount": 11, "fail": 5}"#]);
+    let failed = dir.run(&[]);
+    assert_eq!(failed.code, Some(1), "{failed:?}");
+    let record = dir.record("f:invoice", "o-1");
+    assert_eq!(record["status"], "failed_retryable", "{record}");
+    let ledger = record["response"]["body"].as_str().map(str::to_owned).expect("the previous answer is kept");
+    let invoice_id = serde_json::from_str::<Value>(&ledger).expect("JSON")["captures"]["invoice_id"].clone();
+    assert!(invoice_id.is_string(), "{ledger}");
+
+    // The next run sends the update to that id, not a second create.
+    dir.data(&[r#"{"id": "o-1", "amount": 11, "fail": 0}"#]);
+    let resumed = dir.run(&[]);
+    assert_eq!(resumed.code, Some(0), "{resumed:?}");
+    let stats = upstream.stats().await;
+    let patched = format!("/invoices/{}", invoice_id.as_str().expect("an id"));
+    assert_eq!(stats["by_path"]["/invoices"], 1, "no second create: {stats}");
+    assert_eq!(stats["by_path"][&patched], 2, "the failed update, then the update that went through: {stats}");
+}
+
+#[tokio::test]
 async fn a_permanent_error_needs_review_and_the_other_records_complete() {
     let upstream = Upstream::start().await;
     let dir = Dir::new();

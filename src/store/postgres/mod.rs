@@ -148,6 +148,10 @@ const FLUSH_CHUNK: usize = 1000;
 /// four response columns, last_seen_at, error_summary), by position in [`COLUMNS`].
 const FINISHED_COLUMNS: [usize; 9] = [4, 5, 6, 7, 8, 9, 10, 12, 17];
 
+/// Which columns `finish` writes for a failed attempt: the same but the four response
+/// columns, since a failed attempt keeps the previous answer (`Outcome::replaces_response`).
+const FAILED_COLUMNS: [usize; 5] = [4, 5, 6, 12, 17];
+
 /// Opens a `postgres://` store: parses the URL, connects once, and brings the schema up
 /// to date.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
@@ -458,13 +462,18 @@ impl Store for PostgresStore {
     }
 
     async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome, now: Millis) -> Result<bool, Error> {
+        let (columns, sql): (&[usize], _) = if outcome.replaces_response() {
+            (&FINISHED_COLUMNS, &self.sql.finish)
+        } else {
+            (&FAILED_COLUMNS, &self.sql.finish_failed)
+        };
         let finished = finished(id, outcome, now);
         let values = Values::of(&finished)?;
         let all = values.params();
         let token = token as i64;
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![all[0], all[1], all[2], &token];
-        params.extend(FINISHED_COLUMNS.iter().map(|&i| all[i]));
-        Ok(self.within(HOT_DEADLINE, self.execute(&self.sql.finish, &params)).await? == 1)
+        params.extend(columns.iter().map(|&i| all[i]));
+        Ok(self.within(HOT_DEADLINE, self.execute(sql, &params)).await? == 1)
     }
 
     async fn get(&self, id: &RecordId) -> Result<Option<Record>, Error> {
@@ -562,6 +571,7 @@ struct Statements {
     load: String,
     renew: String,
     finish: String,
+    finish_failed: String,
     delete: String,
     purge: String,
     stats: String,
@@ -581,6 +591,7 @@ impl Statements {
         let pk = "scope = $1 AND tenant = $2 AND key = $3";
         let owned = format!("{pk} AND status = 'in_progress' AND lease_token = $4");
         let finished: Vec<&str> = FINISHED_COLUMNS.iter().map(|&i| columns[i]).collect();
+        let failed: Vec<&str> = FAILED_COLUMNS.iter().map(|&i| columns[i]).collect();
         Self {
             table: table.to_owned(),
             claim: format!(
@@ -605,6 +616,11 @@ impl Statements {
                 "UPDATE {table} SET version = version + 1, ({}) = ({}) WHERE {owned}",
                 finished.join(", "),
                 placeholders(5, finished.len()),
+            ),
+            finish_failed: format!(
+                "UPDATE {table} SET version = version + 1, ({}) = ({}) WHERE {owned}",
+                failed.join(", "),
+                placeholders(5, failed.len()),
             ),
             delete: format!("DELETE FROM {table} WHERE {pk}"),
             purge: format!(

@@ -148,10 +148,20 @@ pub fn fields(record: &Record) -> Vec<(&'static str, Vec<u8>)> {
 /// fence. A unit test checks that `apply` touches nothing else.
 pub const FINISH_FIELDS: [&str; 9] = ["st", "tok", "lu", "ls", "rs", "rh", "rb", "rr", "err"];
 
+/// The fields of the stored answer, among [`FINISH_FIELDS`].
+const RESPONSE_FIELDS: [&str; 4] = ["rs", "rh", "rb", "rr"];
+
 /// What `finish` writes: the values [`Outcome::apply`] gives [`FINISH_FIELDS`] (computed by
 /// applying it, so the rule lives only in the core), split into fields to remove and
 /// field/value pairs to set.
 pub fn finish_fields(outcome: Outcome, now: Millis) -> (Vec<&'static str>, Vec<(&'static str, Vec<u8>)>) {
+    // A failed attempt keeps the previous answer (`Outcome::replaces_response`): its
+    // response fields are neither set nor removed.
+    let touched: Vec<&'static str> = if outcome.replaces_response() {
+        FINISH_FIELDS.to_vec()
+    } else {
+        FINISH_FIELDS.into_iter().filter(|name| !RESPONSE_FIELDS.contains(name)).collect()
+    };
     let mut scratch = Record {
         id: RecordId::new("", "", ""),
         fingerprint: Fingerprint([0; 32]),
@@ -167,8 +177,8 @@ pub fn finish_fields(outcome: Outcome, now: Millis) -> (Vec<&'static str>, Vec<(
         error_summary: None,
     };
     outcome.apply(&mut scratch, now);
-    let set: Vec<_> = fields(&scratch).into_iter().filter(|(name, _)| FINISH_FIELDS.contains(name)).collect();
-    let removed = FINISH_FIELDS.into_iter().filter(|name| !set.iter().any(|(n, _)| n == name)).collect();
+    let set: Vec<_> = fields(&scratch).into_iter().filter(|(name, _)| touched.contains(name)).collect();
+    let removed = touched.into_iter().filter(|name| !set.iter().any(|(n, _)| n == name)).collect();
     (removed, set)
 }
 
@@ -344,8 +354,15 @@ mod tests {
                     assert!(FINISH_FIELDS.contains(name), "{outcome:?} changes {name}");
                 }
             }
+            let keeps_answer = !outcome.replaces_response();
             let (removed, set) = finish_fields(outcome, before.last_seen_at + 99);
             for name in FINISH_FIELDS {
+                if keeps_answer && RESPONSE_FIELDS.contains(&name) {
+                    // A failed attempt keeps the previous answer: untouched by apply and by finish.
+                    assert_eq!(old.get(name), new.get(name), "{name}");
+                    assert!(!removed.contains(&name) && !set.iter().any(|(n, _)| *n == name), "{name}");
+                    continue;
+                }
                 assert_eq!(new.get(name), set.iter().find(|(n, _)| *n == name).map(|(_, v)| v), "{name}");
                 assert_eq!(removed.contains(&name), !new.contains_key(name), "{name}");
             }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::support::{Upstream, closed_port_url, idem, idem_log};
+use crate::support::{Upstream, closed_port_url, idem, idem_log, postgres_url, unique_suffix};
 
 /// A flow's directory: the flow file, its data, its store and its report.
 struct Dir {
@@ -672,4 +672,49 @@ async fn csv_and_standard_input_sources_are_sent_too() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("calls sent: 1\n") && stdout.contains("skipped (already sent): 1\n"), "{stdout}");
+}
+
+#[tokio::test]
+async fn a_postgresql_query_is_a_source() {
+    let upstream = Upstream::start().await;
+    let url = postgres_url();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("PostgreSQL connects");
+    tokio::spawn(connection);
+    let table = format!("idem_it_orders_{}", unique_suffix());
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (order_id int PRIMARY KEY, email text, amount float8, paid bool);
+             INSERT INTO {table} SELECT i, 'c' || i || '@example.com', i * 1.5, i % 2 = 0 FROM generate_series(1, 20) i;"
+        ))
+        .await
+        .expect("the source table is created");
+    let dir = Dir::new();
+    let flow = format!(
+        r#"flow = "pg"
+store = "{store}"
+[source]
+postgres = {{ url = "{url}", query = "SELECT order_id, email, amount FROM {table} WHERE paid" }}
+primary_key = ["order_id"]
+
+[[steps]]
+name = "export"
+url = "{upstream}/orders/{{{{record.order_id}}}}"
+body = {{ to = "{{{{record.email}}}}", amount = "{{{{record.amount}}}}" }}
+"#,
+        store = dir.store(),
+        upstream = upstream.url()
+    );
+    std::fs::write(dir.path("flow.toml"), flow).expect("flow written");
+    let first = dir.run(&["--report", "report.json"]);
+    let second = dir.run(&[]);
+    client.batch_execute(&format!("DROP TABLE {table}")).await.expect("the table is dropped");
+    assert_eq!(first.code, Some(0), "{first:?}");
+    assert_eq!(first.count("records"), 10, "{first:?}");
+    assert_eq!(upstream.calls().await, 10);
+    let stats = upstream.stats().await;
+    assert_eq!(stats["by_path"]["/orders/4"], 1, "{stats}");
+    let report = dir.report("report.json");
+    assert_eq!(line_for(&report, "4")["steps"][0]["result"], "sent");
+    assert_eq!(second.count("skipped (already sent)"), 10, "{second:?}");
+    assert_eq!(upstream.calls().await, 10, "the re-run sends nothing");
 }

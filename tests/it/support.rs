@@ -553,6 +553,13 @@ impl Drop for SharedStore {
     }
 }
 
+/// The PostgreSQL server the tests use (`IDEM_TEST_POSTGRES_URL`), checked to be there.
+pub fn postgres_url() -> String {
+    let base = std::env::var("IDEM_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
+    require_service("PostgreSQL", "IDEM_TEST_POSTGRES_URL", &base);
+    base
+}
+
 /// The PostgreSQL server the tests use (`IDEM_TEST_POSTGRES_URL`), with a fresh schema
 /// so tests never see each other's records.
 pub fn postgres_store() -> SharedStore {
@@ -580,7 +587,8 @@ pub fn redis_store() -> SharedStore {
     }
 }
 
-fn unique_suffix() -> String {
+/// A name no other test (or test run) uses.
+pub fn unique_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());

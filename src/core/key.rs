@@ -83,6 +83,11 @@ pub fn tenant_from_credential(credential: Option<&[u8]>) -> String {
     }
 }
 
+/// A short, stable, non-reversible name for a key, for logs (keys may be personal data).
+pub fn hash_for_logs(key: &str) -> String {
+    hex::encode(&Sha256::digest(key.as_bytes())[..6])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use tokio_util::task::{AbortOnDropHandle, TaskTracker};
+use tokio_util::task::TaskTracker;
 
 use super::body::{Body, BoxError, ReadError, boxed, full, read_limited};
 use super::odata;
@@ -23,7 +23,7 @@ use crate::core::{
     Decision, ExecuteReason, Fingerprint, Intent, LeaseToken, Millis, Outcome, Record, RecordId, StoredResponse, key,
 };
 use crate::metrics::{Label, RouteMetrics, StoreMetrics};
-use crate::store::{Store, now_millis};
+use crate::store::{Store, now_millis, owner};
 
 /// `Idempotent-Replayed: true` marks an answer served from the store.
 pub const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -218,7 +218,7 @@ impl Gateway {
                 _ => break claim,
             }
         };
-        tracing::debug!(route = %route.name, key_hash = %key_hash(&identified.id.key), decision = ?claim.decision);
+        tracing::debug!(route = %route.name, key_hash = %key::hash_for_logs(&identified.id.key), decision = ?claim.decision);
         let Some(record) = claim.record else {
             // Every decision but a fresh execute is made on a stored record, and a fresh
             // execute returns the record it claimed; a store that breaks this is refused.
@@ -277,7 +277,7 @@ impl Gateway {
         let mut request = Request::from_parts(parts, full(body));
         forward_key(route, request.headers_mut(), &record.id.key, record.created_at);
         self.upstream.prepare(&mut request, peer);
-        let renewal = self.keep_lease(record.id.clone(), token, route.lease);
+        let renewal = owner::keep_alive(self.store.clone(), record.id.clone(), token, route.lease);
         let started = Instant::now();
         let exchange = tokio::time::timeout(route.upstream_timeout, self.exchange(request)).await;
         drop(renewal);
@@ -294,9 +294,10 @@ impl Gateway {
             Ok(Ok((parts, bytes))) => answered(route, parts, bytes),
         };
         if !matches!(outcome, Outcome::Completed(_)) {
-            tracing::warn!(route = %route.name, key_hash = %key_hash(&record.id.key), status = outcome.status().as_str(), "upstream call did not complete");
+            tracing::warn!(route = %route.name, key_hash = %key::hash_for_logs(&record.id.key), status = outcome.status().as_str(), "upstream call did not complete");
         }
-        self.finish(&record.id, token, outcome).await;
+        let timer = &self.store_metrics.finish;
+        owner::finish(self.store.as_ref(), &record.id, token, outcome, |took| timer.record(took.as_secs_f64())).await;
         response
     }
 
@@ -306,52 +307,6 @@ impl Gateway {
         let (parts, body) = response.into_parts();
         let bytes = body.collect().await.map_err(|e| UpstreamError::Lost(format!("answer broken off: {e}")))?;
         Ok((parts, bytes.to_bytes()))
-    }
-
-    /// Renews the lease every third of its length until the returned handle is dropped.
-    fn keep_lease(&self, id: RecordId, token: LeaseToken, lease: Duration) -> AbortOnDropHandle<()> {
-        let store = self.store.clone();
-        AbortOnDropHandle::new(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(lease / 3).await;
-                match store.renew(&id, token, now_millis() + millis(lease)).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(key_hash = %key_hash(&id.key), "lease lost while the upstream call runs");
-                        return;
-                    }
-                    Err(error) => tracing::warn!(%error, "could not renew a lease; will try again"),
-                }
-            }
-        }))
-    }
-
-    /// Records an outcome, retrying a store outage for a few seconds. If it still fails,
-    /// the lease runs out and the record becomes `outcome_unknown`: explicit, never a
-    /// duplicate.
-    async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome) {
-        let mut pause = Duration::from_millis(50);
-        for attempt in 0..6 {
-            let started = Instant::now();
-            let finished = self.store.finish(id, token, outcome.clone(), now_millis()).await;
-            self.store_metrics.finish.record(started.elapsed().as_secs_f64());
-            match finished {
-                Ok(true) => return,
-                Ok(false) => {
-                    tracing::warn!(key_hash = %key_hash(&id.key), "lease lost before the answer was recorded");
-                    return;
-                }
-                Err(error) if error.is_retryable() && attempt < 5 => {
-                    tracing::warn!(%error, "could not record an answer; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause *= 2;
-                }
-                Err(error) => {
-                    tracing::error!(%error, key_hash = %key_hash(&id.key), "could not record an answer; it becomes outcome_unknown when its lease runs out");
-                    return;
-                }
-            }
-        }
     }
 }
 
@@ -436,12 +391,6 @@ fn tenant(route: &Route, headers: &HeaderMap) -> Result<String, Problem> {
 fn correlation_id(headers: &HeaderMap) -> Option<String> {
     let value = headers.get("x-request-id")?.to_str().ok()?;
     (value.len() <= 128).then(|| value.to_owned())
-}
-
-/// A short, stable, non-reversible name for a key, for logs.
-fn key_hash(key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(&Sha256::digest(key.as_bytes())[..6])
 }
 
 /// Applies `forward_key` to the headers sent upstream.

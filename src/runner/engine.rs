@@ -41,7 +41,6 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::task::AbortOnDropHandle;
 
 use super::call::{self, Call, Variant, Verdict};
 use super::flow::{self, Flow, SourceInput, Step};
@@ -53,7 +52,7 @@ use crate::core::{
     ClaimPolicy, Decision, ExecuteReason, Fingerprint, Intent, LeaseToken, Millis, OnChange, OnUnknown, Outcome,
     Record, RecordId, decide,
 };
-use crate::store::{self, Claim, Store, now_millis};
+use crate::store::{self, Claim, Store, now_millis, owner};
 
 /// How a run is changed from the command line.
 #[derive(Clone, Debug, Default)]
@@ -316,7 +315,7 @@ impl Engine {
     /// One call under a claim: rendered (as an update once captures are known), sent with
     /// the lease renewed meanwhile, judged, and recorded.
     async fn attempt(&self, unit: &Unit<'_>, token: LeaseToken, known: &Map<String, Value>) -> Verdict {
-        let renewal = self.keep_lease(unit.id.clone(), token);
+        let renewal = owner::keep_alive(self.store.clone(), unit.id.clone(), token, self.lease);
         let call = match self.request(unit, known) {
             Ok(call) => call,
             Err(error) => {
@@ -329,7 +328,7 @@ impl Engine {
                     retry_after: None,
                 };
                 drop(renewal);
-                self.finish(&unit.id, token, verdict.outcome.clone()).await;
+                owner::finish(self.store.as_ref(), &unit.id, token, verdict.outcome.clone(), |_| {}).await;
                 return verdict;
             }
         };
@@ -345,7 +344,7 @@ impl Engine {
         if !matches!(verdict.outcome, Outcome::Completed(_)) {
             tracing::debug!(scope = %unit.id.scope, status = verdict.outcome.status().as_str(), "a step did not complete");
         }
-        self.finish(&unit.id, token, verdict.outcome.clone()).await;
+        owner::finish(self.store.as_ref(), &unit.id, token, verdict.outcome.clone(), |_| {}).await;
         verdict
     }
 
@@ -407,50 +406,6 @@ impl Engine {
                     pause *= 2;
                 }
                 other => return other,
-            }
-        }
-    }
-
-    /// Renews the lease every third of its length until the returned handle is dropped.
-    fn keep_lease(&self, id: RecordId, token: LeaseToken) -> AbortOnDropHandle<()> {
-        let store = self.store.clone();
-        let lease = self.lease;
-        AbortOnDropHandle::new(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(lease / 3).await;
-                match store.renew(&id, token, now_millis() + millis(lease)).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(scope = %id.scope, "lease lost while the call runs");
-                        return;
-                    }
-                    Err(error) => tracing::warn!(%error, "could not renew a lease; will try again"),
-                }
-            }
-        }))
-    }
-
-    /// Records an outcome, retrying a store outage for a few seconds. If it still fails,
-    /// the lease runs out and the step becomes `outcome_unknown`: explicit, never a
-    /// duplicate.
-    async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome) {
-        let mut pause = Duration::from_millis(50);
-        for attempt in 0..6 {
-            match self.store.finish(id, token, outcome.clone(), now_millis()).await {
-                Ok(true) => return,
-                Ok(false) => {
-                    tracing::warn!(scope = %id.scope, "lease lost before the answer was recorded");
-                    return;
-                }
-                Err(error) if error.is_retryable() && attempt < 5 => {
-                    tracing::warn!(%error, "could not record an answer; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause *= 2;
-                }
-                Err(error) => {
-                    tracing::error!(%error, scope = %id.scope, "could not record an answer; it becomes outcome_unknown when its lease runs out");
-                    return;
-                }
             }
         }
     }

@@ -16,6 +16,7 @@ use crate::core::{
 pub mod conformance;
 pub mod encrypted;
 pub mod memory;
+pub mod owner;
 pub mod postgres;
 pub mod redis;
 pub mod sqlite;

@@ -2,8 +2,9 @@
 //! under a stable key and executed once, however often it is retried.
 //!
 //! [`core`] holds the record model and the decision table (no IO); [`store`] persists
-//! records; [`gateway`] is the idempotency reverse proxy; [`admin`] and [`cli`] inspect
-//! and settle records; [`demo`] is an upstream to try it against.
+//! records; [`gateway`] is the idempotency reverse proxy; [`runner`] runs exports and
+//! workflows (`idem run`); [`admin`] and [`cli`] inspect and settle records; [`metrics`]
+//! names what is measured; [`demo`] is an upstream to try it against.
 
 pub mod admin;
 pub mod cli;

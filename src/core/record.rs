@@ -208,6 +208,28 @@ impl Outcome {
         matches!(self, Outcome::Completed(_))
     }
 
+    /// What the outcome writes, as a record: `apply` on a blank in-progress record. Stores
+    /// that update only the fields `finish` changes read their values from here, so the
+    /// rule stays in `apply`.
+    pub fn applied_to_blank(self, id: RecordId, now: Millis) -> Record {
+        let mut blank = Record {
+            id,
+            fingerprint: Fingerprint([0; 32]),
+            status: Status::InProgress,
+            lease: None,
+            response: None,
+            created_at: now,
+            last_seen_at: now,
+            expires_at: now,
+            replay_count: 0,
+            attempt_count: 0,
+            correlation_id: None,
+            error_summary: None,
+        };
+        self.apply(&mut blank, now);
+        blank
+    }
+
     /// Applies the outcome to a record the caller owns: the pure half of `Store::finish`.
     pub fn apply(self, record: &mut Record, now: Millis) {
         record.status = self.status();

@@ -98,9 +98,15 @@ pub async fn claim_then_replay(store: Arc<dyn Store>) {
 
 /// Many concurrent identical intents: exactly one executes.
 pub async fn concurrent_claims_have_one_winner(store: Arc<dyn Store>) {
+    race_has_one_winner(&[store]).await;
+}
+
+/// Races 32 identical claims across `stores`, round robin: exactly one executes. Several
+/// stores opened on one backend make it a race across processes.
+pub async fn race_has_one_winner(stores: &[Arc<dyn Store>]) {
     let tasks: Vec<_> = (0..32)
-        .map(|_| {
-            let store = store.clone();
+        .map(|i| {
+            let store = stores[i % stores.len()].clone();
             tokio::spawn(async move { store.claim(&intent("race", 1, T0), REVIEW).await.unwrap().decision })
         })
         .collect();

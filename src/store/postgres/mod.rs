@@ -125,8 +125,8 @@ use super::memory::page;
 use super::touch::{Touch, TouchBuffer, spawn_flusher};
 use super::{Claim, Error, ListQuery, MAX_PAGE, Page, StatRow, Store, new_token};
 use crate::core::{
-    ClaimPolicy, Fingerprint, Intent, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status, Transition,
-    decide, resolve, transition,
+    ClaimPolicy, Intent, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status, Transition, decide,
+    resolve, transition,
 };
 use options::Options;
 use row::{COLUMN_COUNT, COLUMNS, Values};
@@ -467,7 +467,8 @@ impl Store for PostgresStore {
         } else {
             (&FAILED_COLUMNS, &self.sql.finish_failed)
         };
-        let finished = finished(id, outcome, now);
+        // `Outcome::apply` decides every value, so this store repeats none of its rules.
+        let finished = outcome.applied_to_blank(id.clone(), now);
         let values = Values::of(&finished)?;
         let all = values.params();
         let token = token as i64;
@@ -500,27 +501,6 @@ impl Store for PostgresStore {
     async fn stats(&self) -> Result<Vec<StatRow>, Error> {
         self.within(SCAN_DEADLINE, self.stats_now()).await
     }
-}
-
-/// The record `outcome` leaves behind, of which `finish` writes [`FINISHED_COLUMNS`]:
-/// `Outcome::apply` decides every value, so this store repeats none of its rules.
-fn finished(id: &RecordId, outcome: Outcome, now: Millis) -> Record {
-    let mut scratch = Record {
-        id: id.clone(),
-        fingerprint: Fingerprint([0; 32]),
-        status: Status::InProgress,
-        lease: None,
-        response: None,
-        created_at: now,
-        last_seen_at: now,
-        expires_at: now,
-        replay_count: 0,
-        attempt_count: 0,
-        correlation_id: None,
-        error_summary: None,
-    };
-    outcome.apply(&mut scratch, now);
-    scratch
 }
 
 /// Writes summed replay counts: one `UPDATE … FROM unnest(…)` per chunk.

@@ -154,7 +154,7 @@ impl Store for Scratch {
 fn intent(key: &str, now: Millis) -> Intent {
     Intent {
         id: RecordId::new("orders", "t1", key),
-        fingerprint: Fingerprint([7; 32]),
+        fingerprint: crate::core::Fingerprint([7; 32]),
         now,
         ttl_ms: 3_600_000,
         lease_ms: 30_000,
@@ -222,22 +222,8 @@ impl PostgresStore {
 async fn two_processes_race_and_one_executes() {
     let schema = SchemaGuard::new();
     // Two pools are two processes as far as the server can tell.
-    let (a, b) = (Arc::new(schema.open().await), Arc::new(schema.open().await));
-    let tasks: Vec<_> = (0..32)
-        .map(|i| {
-            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
-            tokio::spawn(async move { store.claim(&intent("race", 1_000), REVIEW).await.unwrap().decision })
-        })
-        .collect();
-    let mut executed = 0;
-    for task in tasks {
-        match task.await.unwrap() {
-            Decision::Execute(_) => executed += 1,
-            Decision::InFlight => {}
-            other => panic!("unexpected decision {other:?}"),
-        }
-    }
-    assert_eq!(executed, 1);
+    let stores: [Arc<dyn Store>; 2] = [Arc::new(schema.open().await), Arc::new(schema.open().await)];
+    crate::store::conformance::race_has_one_winner(&stores).await;
 }
 
 #[tokio::test]

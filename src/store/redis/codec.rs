@@ -162,21 +162,7 @@ pub fn finish_fields(outcome: Outcome, now: Millis) -> (Vec<&'static str>, Vec<(
     } else {
         FINISH_FIELDS.into_iter().filter(|name| !RESPONSE_FIELDS.contains(name)).collect()
     };
-    let mut scratch = Record {
-        id: RecordId::new("", "", ""),
-        fingerprint: Fingerprint([0; 32]),
-        status: Status::InProgress,
-        lease: Some(Lease { token: 0, locked_until: now }),
-        response: None,
-        created_at: now,
-        last_seen_at: now,
-        expires_at: now,
-        replay_count: 0,
-        attempt_count: 0,
-        correlation_id: None,
-        error_summary: None,
-    };
-    outcome.apply(&mut scratch, now);
+    let scratch = outcome.applied_to_blank(RecordId::new("", "", ""), now);
     let set: Vec<_> = fields(&scratch).into_iter().filter(|(name, _)| touched.contains(name)).collect();
     let removed = touched.into_iter().filter(|name| !set.iter().any(|(n, _)| n == name)).collect();
     (removed, set)

@@ -3,11 +3,13 @@
 //!
 //! [`core`] holds the record model and the decision table (no IO); [`store`] persists
 //! records; [`gateway`] is the idempotency reverse proxy; [`runner`] runs exports and
-//! workflows (`idem run`); [`admin`] and [`cli`] inspect and settle records; [`metrics`]
+//! workflows (`idem run`); [`consumer`] is the idempotent broker consumer (`idem consume`);
+//! [`admin`] and [`cli`] inspect and settle records; [`metrics`]
 //! names what is measured; [`demo`] is an upstream to try it against.
 
 pub mod admin;
 pub mod cli;
+pub mod consumer;
 pub mod core;
 pub mod demo;
 pub mod gateway;

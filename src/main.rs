@@ -32,6 +32,8 @@ enum Command {
     Log(LogArgs),
     /// Run a flow: send each source record through its steps, each step at most once.
     Run(idem::runner::RunArgs),
+    /// Consume a NATS JetStream or RabbitMQ source, delivering each message once.
+    Consume(idem::consumer::ConsumeArgs),
     /// Run the demo upstream API (counts the calls it executes).
     DemoUpstream {
         /// Where to listen.
@@ -79,6 +81,7 @@ fn main() -> ExitCode {
             Err(e) => failure(&e),
         },
         Command::Run(args) => ExitCode::from(runtime.block_on(idem::runner::run(args, shutdown_signal()))),
+        Command::Consume(args) => ExitCode::from(runtime.block_on(idem::consumer::run(args, shutdown_signal()))),
         Command::DemoUpstream { listen } => runtime.block_on(async {
             match tokio::net::TcpListener::bind(&listen).await {
                 Ok(listener) => {

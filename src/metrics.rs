@@ -21,6 +21,10 @@ pub const UPSTREAM_SECONDS: &str = "idem_upstream_seconds";
 pub const STORE_SECONDS: &str = "idem_store_seconds";
 /// Records by status.
 pub const RECORDS: &str = "idem_records";
+/// Broker messages by subscriber and decision (`idem consume`).
+pub const MESSAGES: &str = "idem_messages_total";
+/// Messages the broker holds that the subscriber has not received yet.
+pub const CONSUMER_LAG: &str = "idem_consumer_lag";
 
 /// The `decision` label of [`REQUESTS`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +95,8 @@ pub fn install() -> PrometheusHandle {
             metrics::describe_histogram!(UPSTREAM_SECONDS, metrics::Unit::Seconds, "Upstream exchange time");
             metrics::describe_histogram!(STORE_SECONDS, metrics::Unit::Seconds, "Store operation time");
             metrics::describe_gauge!(RECORDS, "Records in the store by status");
+            metrics::describe_counter!(MESSAGES, "Broker messages by subscriber and decision");
+            metrics::describe_gauge!(CONSUMER_LAG, "Messages waiting in the broker for the subscriber");
             handle
         })
         .clone()

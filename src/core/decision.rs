@@ -30,6 +30,11 @@ pub enum OnChange {
     /// claimed record until the new one replaces it (the runner's `resend_on_change`, where
     /// the key is a business key and the previous answer holds the external ids).
     Resend,
+    /// A changed payload takes the key over from whatever the previous one left (completed,
+    /// failed, unknown), unless a live lease holds it; the previous answer stays on the
+    /// claimed record. The consumer's ordering guard: the key is an object, each payload one
+    /// of its versions, and the record a lock around applying it.
+    Supersede,
 }
 
 /// The per-scope settings the decision depends on.
@@ -94,6 +99,8 @@ pub fn decide(existing: Option<&Record>, intent: &Intent, policy: ClaimPolicy) -
     if record.fingerprint != intent.fingerprint {
         return match (policy.on_change, record.status) {
             (OnChange::Resend, Status::Completed) => Decision::Execute(ExecuteReason::Changed),
+            (OnChange::Supersede, Status::InProgress) if record.lease_alive(now) => Decision::InFlight,
+            (OnChange::Supersede, _) => Decision::Execute(ExecuteReason::Changed),
             _ => Decision::KeyReused,
         };
     }
@@ -326,6 +333,29 @@ mod tests {
         }
         assert!(is_final_status(500, true));
         assert!(!is_final_status(429, true));
+    }
+
+    #[test]
+    fn supersede_takes_any_key_a_live_lease_does_not_hold() {
+        let policy = ClaimPolicy { on_unknown: OnUnknown::Retry, on_change: OnChange::Supersede };
+        for status in Status::ALL {
+            let lease = (status == Status::InProgress).then_some(-1);
+            let mut existing = record(status, 1, 1_000, lease, true);
+            existing.response = Some(StoredResponse {
+                status: 200,
+                headers: vec![],
+                body: Bytes::from_static(b"{\"version\":4}"),
+                retained: true,
+            });
+            let decision = decide(Some(&existing), &intent(2), policy);
+            assert_eq!(decision, Decision::Execute(ExecuteReason::Changed), "{status:?}");
+            let Transition::Write(claimed) = transition(decision, Some(&existing), &intent(2), 9) else {
+                panic!("a claim writes");
+            };
+            assert_eq!(claimed.response, existing.response, "the previous answer stays on the claimed record");
+        }
+        let held = record(Status::InProgress, 1, 1_000, Some(5_000), true);
+        assert_eq!(decide(Some(&held), &intent(2), policy), Decision::InFlight);
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub async fn run(
 
 /// Opens the store. A networked store that is down at start-up is waited for, with
 /// backoff and a log line per attempt; `None` when shutdown came first.
-async fn open_store(url: &str, stopping: &CancellationToken) -> anyhow::Result<Option<Arc<dyn Store>>> {
+pub(crate) async fn open_store(url: &str, stopping: &CancellationToken) -> anyhow::Result<Option<Arc<dyn Store>>> {
     let mut pause = Duration::from_millis(500);
     loop {
         match store::open(url).await {
@@ -108,7 +108,7 @@ async fn open_store(url: &str, stopping: &CancellationToken) -> anyhow::Result<O
 /// Removes expired records in small batches, then refreshes the record gauges. Counting
 /// records can mean reading a whole table, so after a count the next one waits a hundred
 /// times as long as it took: a count that takes 1 s runs at most every 100 s.
-async fn purge_loop(store: Arc<dyn Store>, every: Duration, stop: CancellationToken) {
+pub(crate) async fn purge_loop(store: Arc<dyn Store>, every: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_count = tokio::time::Instant::now();

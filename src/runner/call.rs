@@ -69,6 +69,8 @@ pub struct Verdict {
     pub retryable: bool,
     /// How long the destination asked us to wait.
     pub retry_after: Option<Duration>,
+    /// Whether the request left (a connection that could not be made sent nothing).
+    pub sent: bool,
 }
 
 /// Renders a step's request for one record. `Variant::Update` needs `when_known`.
@@ -116,6 +118,16 @@ pub fn key_stem(flow: &str, step: &str, pk: &str) -> String {
         plain
     } else {
         format!("{flow}:{step}:sha256:{}", hex::encode(Sha256::digest(pk.as_bytes())))
+    }
+}
+
+/// A message id as the idempotency key its endpoint receives: as it is when it is a valid
+/// key, else `sha256:` and its hash.
+pub fn message_key(id: &str) -> String {
+    if crate::core::key::validate(id.as_bytes()).is_ok() {
+        id.to_owned()
+    } else {
+        format!("sha256:{}", hex::encode(Sha256::digest(id.as_bytes())))
     }
 }
 
@@ -172,6 +184,7 @@ pub fn judge(step: &Step, call: &Call, answer: Answer, known: &Map<String, Value
         status,
         retryable,
         retry_after,
+        sent: true,
     };
     match answer {
         Answer::Answered { status, body, .. } if (200..300).contains(&status) => {
@@ -198,7 +211,7 @@ pub fn judge(step: &Step, call: &Call, answer: Answer, known: &Map<String, Value
         Answer::Answered { status, .. } => {
             verdict(Outcome::NeedsReview { error: summary(status) }, Some(status), false, None)
         }
-        Answer::NotSent(error) => verdict(Outcome::Retryable { error }, None, true, None),
+        Answer::NotSent(error) => Verdict { sent: false, ..verdict(Outcome::Retryable { error }, None, true, None) },
         Answer::Lost(error) => {
             let error = format!("{} {}: {error}", call.method, url_path(&call.url));
             verdict(Outcome::Unknown { error }, None, false, None)

@@ -112,7 +112,7 @@ pub async fn execute(flow: Flow, options: &Options, stop: impl Future<Output = (
         Some(path) => Some(ReportFile::create(path).map_err(|source| Error::Report { path: path.clone(), source })?),
         None => None,
     };
-    let engine = Arc::new(Engine::new(flow, store, options.dry_run)?);
+    let engine = Arc::new(Engine::new(flow, store, options.dry_run, Keys::Flow, Attempts::PerRun)?);
     let summary = engine.drive(records, report, stop).await;
     match (summary, &options.report) {
         (Ok(summary), _) => Ok(summary),
@@ -121,8 +121,27 @@ pub async fn execute(flow: Flow, options: &Options, stop: impl Future<Output = (
     }
 }
 
+/// How the idempotency key a step sends is formed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Keys {
+    /// `{flow}:{step}:{pk}` (see [`call::key_stem`]): a runner's keys.
+    Flow,
+    /// The primary key itself: a consumer's message id, as its endpoint expects it.
+    MessageId,
+}
+
+/// How many attempts a step gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Attempts {
+    /// `max_attempts` in this run, with backoff between them; the next run starts afresh.
+    PerRun,
+    /// One per call of [`Engine::process_keyed`] (a delivery); once the step's record has
+    /// counted this many attempts in all, it becomes `needs_review` (a poison message).
+    Lifetime(u32),
+}
+
 /// The shared state of a run: one store, one HTTP client (keep-alive), one rate limiter.
-struct Engine {
+pub(crate) struct Engine {
     flow: Flow,
     store: Arc<dyn Store>,
     http: reqwest::Client,
@@ -132,6 +151,8 @@ struct Engine {
     /// loses it; short enough that a re-run after a crash does not wait long.
     lease: Duration,
     dry_run: bool,
+    keys: Keys,
+    attempts: Attempts,
 }
 
 /// One step of one record, identified: what the store and the API see.
@@ -152,7 +173,15 @@ struct Unit<'a> {
 }
 
 impl Engine {
-    fn new(flow: Flow, store: Arc<dyn Store>, dry_run: bool) -> Result<Self, Error> {
+    /// An engine for `flow`'s steps on `store`. `keys` and `attempts` are a runner's
+    /// (`Keys::Flow`, `Attempts::PerRun`) or a consumer's.
+    pub(crate) fn new(
+        flow: Flow,
+        store: Arc<dyn Store>,
+        dry_run: bool,
+        keys: Keys,
+        attempts: Attempts,
+    ) -> Result<Self, Error> {
         let http = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(30))
             .user_agent(concat!("idem/", env!("CARGO_PKG_VERSION")))
@@ -164,7 +193,7 @@ impl Engine {
             .and_then(|rate| Quota::with_period(Duration::from_secs_f64(1.0 / rate)))
             .map(RateLimiter::direct);
         let lease = flow.timeout * 2 + Duration::from_secs(1);
-        Ok(Self { flow, store, http, limiter, lease, dry_run })
+        Ok(Self { flow, store, http, limiter, lease, dry_run, keys, attempts })
     }
 
     /// Keeps `concurrency` records in flight; the source is read as records finish, so
@@ -212,13 +241,18 @@ impl Engine {
 
     /// Runs a record's steps in order; a step that does not complete holds back the rest.
     async fn process(&self, record: SourceRecord) -> RecordReport {
-        let key = match source::primary_key(&record.fields, &self.flow.source.primary_key) {
-            Ok(key) => key,
+        match source::primary_key(&record.fields, &self.flow.source.primary_key) {
+            Ok(key) => self.process_keyed(record.line, key, &record.fields).await,
             Err(e) => {
                 let error = Some(format!("not sent: {e}"));
-                return RecordReport { line: record.line, key: None, steps: Vec::new(), error };
+                RecordReport { line: record.line, key: None, steps: Vec::new(), error }
             }
-        };
+        }
+    }
+
+    /// Runs the steps of one unit of work whose key is known (a record's primary key, a
+    /// message's id).
+    pub(crate) async fn process_keyed(&self, line: u64, key: String, fields: &Map<String, Value>) -> RecordReport {
         let mut captures: HashMap<String, Map<String, Value>> = HashMap::new();
         let mut steps: Vec<StepReport> = Vec::with_capacity(self.flow.steps.len());
         for step in &self.flow.steps {
@@ -227,11 +261,11 @@ impl Engine {
                 continue;
             }
             let pending = steps.iter().any(|s| s.result == StepResult::WouldSend);
-            let report = self.step(step, &record.fields, &key, &captures, pending).await;
+            let report = self.step(step, fields, &key, &captures, pending).await;
             captures.insert(step.name.clone(), report.captures.clone());
             steps.push(report);
         }
-        RecordReport { line: record.line, key: Some(key), steps, error: None }
+        RecordReport { line, key: Some(key), steps, error: None }
     }
 
     /// Renders and identifies one step, then executes it (or previews it in a dry run).
@@ -245,7 +279,10 @@ impl Engine {
         captures: &HashMap<String, Map<String, Value>>,
         pending: bool,
     ) -> StepReport {
-        let stem = call::key_stem(&self.flow.name, &step.name, pk);
+        let stem = match self.keys {
+            Keys::Flow => call::key_stem(&self.flow.name, &step.name, pk),
+            Keys::MessageId => call::message_key(pk),
+        };
         let ctx = Context { record: fields, steps: captures, key: &stem };
         let base = match call::render(step, Variant::Create, &ctx) {
             Ok(call) => call,
@@ -294,6 +331,18 @@ impl Engine {
             if reason == ExecuteReason::Changed {
                 report.result = StepResult::Resent;
             }
+            let so_far = claim.record.as_ref().map_or(1, |r| r.attempt_count);
+            let last_chance = match self.attempts {
+                Attempts::Lifetime(limit) if so_far > u64::from(limit) => {
+                    let error = claim.record.as_ref().and_then(|r| r.error_summary.clone()).unwrap_or_default();
+                    let error = format!("gave up after {limit} attempts; the last: {error}");
+                    let outcome = Outcome::NeedsReview { error: error.clone() };
+                    owner::finish(self.store.as_ref(), &unit.id, token, outcome, |_| {}).await;
+                    return StepReport::review(&unit.step.name, StepResult::NeedsReview, error);
+                }
+                Attempts::Lifetime(limit) => so_far >= u64::from(limit),
+                Attempts::PerRun => false,
+            };
             // A claimed record carries the previous answer when the store kept it (today: a
             // changed record); a later claim of this run without it keeps what was known.
             let carried = call::stored_captures(claim.record.as_ref().and_then(|r| r.response.as_ref()));
@@ -301,10 +350,12 @@ impl Engine {
                 known = carried;
             }
             attempts += 1;
-            let verdict = self.attempt(unit, token, &known).await;
-            report.calls += 1;
+            let verdict = self.attempt(unit, token, &known, last_chance).await;
+            report.calls += u64::from(verdict.sent);
+            report.attempts += 1;
             report.status = verdict.status;
-            if attempts < self.flow.max_attempts && worth_another_attempt(unit.step, &verdict) {
+            let max_attempts = if self.attempts == Attempts::PerRun { self.flow.max_attempts } else { 1 };
+            if attempts < max_attempts && worth_another_attempt(unit.step, &verdict) {
                 tokio::time::sleep(call::backoff(attempts, verdict.retry_after)).await;
                 continue;
             }
@@ -313,8 +364,15 @@ impl Engine {
     }
 
     /// One call under a claim: rendered (as an update once captures are known), sent with
-    /// the lease renewed meanwhile, judged, and recorded.
-    async fn attempt(&self, unit: &Unit<'_>, token: LeaseToken, known: &Map<String, Value>) -> Verdict {
+    /// the lease renewed meanwhile, judged, and recorded. On the `last_chance` a retryable
+    /// failure is recorded as `needs_review`.
+    async fn attempt(
+        &self,
+        unit: &Unit<'_>,
+        token: LeaseToken,
+        known: &Map<String, Value>,
+        last_chance: bool,
+    ) -> Verdict {
         let renewal = owner::keep_alive(self.store.clone(), unit.id.clone(), token, self.lease);
         let call = match self.request(unit, known) {
             Ok(call) => call,
@@ -326,6 +384,7 @@ impl Engine {
                     status: None,
                     retryable: false,
                     retry_after: None,
+                    sent: false,
                 };
                 drop(renewal);
                 owner::finish(self.store.as_ref(), &unit.id, token, verdict.outcome.clone(), |_| {}).await;
@@ -340,7 +399,12 @@ impl Engine {
         drop(renewal);
         // An update keeps the ids the create captured; a create (again) takes the new ones.
         let updated = if known.is_empty() || unit.step.when_known.is_none() { &Map::new() } else { known };
-        let verdict = call::judge(unit.step, &call, answer, updated);
+        let mut verdict = call::judge(unit.step, &call, answer, updated);
+        if let (true, Outcome::Retryable { error }) = (last_chance, &verdict.outcome) {
+            let error = format!("{error}; gave up after {} attempts", self.flow.max_attempts);
+            verdict.outcome = Outcome::NeedsReview { error };
+            verdict.retryable = false;
+        }
         if !matches!(verdict.outcome, Outcome::Completed(_)) {
             tracing::debug!(scope = %unit.id.scope, status = verdict.outcome.status().as_str(), "a step did not complete");
         }
@@ -414,7 +478,7 @@ impl Engine {
 /// Re-sending a call that may have taken effect is safe when the destination can tell it
 /// is the same call (an idempotency header), when HTTP defines the method as idempotent, or
 /// when the flow says so. Never for a guard step.
-fn unknown_is_safe(step: &Step) -> bool {
+pub(crate) fn unknown_is_safe(step: &Step) -> bool {
     !step.guard
         && (step.idempotency_header.is_some()
             || matches!(step.method, http::Method::PUT | http::Method::DELETE)
@@ -453,7 +517,7 @@ fn settled(mut report: StepReport, decision: Decision, record: Option<&Record>) 
                 format!("the record changed while its previous attempt is {status}; `idem log rm` to send it anew");
             (StepResult::NeedsReview, Some(why))
         }
-        Decision::InFlight => (StepResult::NeedsReview, Some("another run is still sending this step".to_owned())),
+        Decision::InFlight => (StepResult::InFlight, Some("another run is still sending this step".to_owned())),
         Decision::OutcomeUnknown => (
             StepResult::Unknown,
             Some(

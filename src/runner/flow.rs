@@ -364,6 +364,16 @@ impl RawPostgres {
     }
 }
 
+/// Validates one step on its own (a consumer's `[deliver]`), its problems named under `at`.
+/// It may not refer to other steps' captures: there are none.
+pub fn validate_step(raw: RawStep, at: &str) -> Result<Step, Vec<String>> {
+    let mut p = Problems::default();
+    match raw.validate(at, &Captures::new(), &mut p) {
+        Some(step) if p.0.is_empty() => Ok(step),
+        _ => Err(p.0),
+    }
+}
+
 fn validate_steps(raw: Vec<RawStep>, p: &mut Problems) -> Option<Vec<Step>> {
     if raw.is_empty() {
         p.push("steps", "a flow needs at least one [[steps]]");

@@ -26,6 +26,9 @@ pub enum StepResult {
     Failed,
     /// Sent but never answered, and re-sending is not safe.
     Unknown,
+    /// Another runner (or consumer) was still sending this step when this one gave up
+    /// waiting for it.
+    InFlight,
     /// Not attempted: an earlier step of the record did not complete.
     SkippedAfterFailure,
     /// `--dry-run`: would be sent.
@@ -43,6 +46,7 @@ impl StepResult {
             StepResult::NeedsReview => "needs_review",
             StepResult::Failed => "failed",
             StepResult::Unknown => "unknown",
+            StepResult::InFlight => "in_flight",
             StepResult::SkippedAfterFailure => "skipped_after_failure",
             StepResult::WouldSend => "would_send",
         }
@@ -74,14 +78,16 @@ pub struct StepReport {
     pub captures: Map<String, Value>,
     /// Why it did not complete; never a body.
     pub error: Option<String>,
-    /// HTTP calls made (attempts), for the summary.
+    /// HTTP calls sent (a connection that could not be made sent nothing).
     pub calls: u64,
+    /// Attempts made, sent or not.
+    pub attempts: u64,
 }
 
 impl StepReport {
     /// A report with no calls made yet.
     pub fn new(step: &str, result: StepResult) -> Self {
-        Self { step: step.to_owned(), result, status: None, captures: Map::new(), error: None, calls: 0 }
+        Self { step: step.to_owned(), result, status: None, captures: Map::new(), error: None, calls: 0, attempts: 0 }
     }
 
     /// A step that needs a person, with why.
@@ -137,7 +143,7 @@ impl RecordReport {
 pub struct Summary {
     /// Usable records read.
     pub records: u64,
-    /// HTTP calls made, retries included.
+    /// HTTP calls sent, retries included (a connection that could not be made sent nothing).
     pub calls_sent: u64,
     /// Steps skipped because they were done already.
     pub already_sent: u64,
@@ -145,7 +151,7 @@ pub struct Summary {
     pub resent: u64,
     /// Steps whose record changed but which do not re-send.
     pub changed_not_resent: u64,
-    /// Calls beyond the first of a step (retries).
+    /// Attempts beyond the first of a step (retries).
     pub retried: u64,
     /// Records that need a person (needs review, failed or unknown).
     pub needs_review: u64,
@@ -167,7 +173,7 @@ impl Summary {
         self.records += 1;
         for step in &report.steps {
             self.calls_sent += step.calls;
-            self.retried += step.calls.saturating_sub(1);
+            self.retried += step.attempts.saturating_sub(1);
             match step.result {
                 StepResult::AlreadySent => self.already_sent += 1,
                 StepResult::Resent => self.resent += 1,
@@ -268,7 +274,7 @@ mod tests {
     use super::*;
 
     fn step(result: StepResult, calls: u64) -> StepReport {
-        StepReport { calls, ..StepReport::new("s", result) }
+        StepReport { calls, attempts: calls, ..StepReport::new("s", result) }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod admin;
 mod bad_input;
+mod consumer;
 mod decision;
 mod durability;
 mod failures;

@@ -49,7 +49,7 @@ pub fn idem() -> Command {
 
 /// Spawns `command` with stdout and stderr sent to files, and waits (polling) until
 /// stdout holds a complete line starting with `prefix`. Returns the child and that line.
-async fn spawn_until_ready(mut command: Command, stdout: &Path, stderr: &Path, prefix: &str) -> (Child, String) {
+pub async fn spawn_until_ready(mut command: Command, stdout: &Path, stderr: &Path, prefix: &str) -> (Child, String) {
     command.stdout(File::create(stdout).expect("a stdout file")).stderr(File::create(stderr).expect("a stderr file"));
     let mut child = command.spawn().expect("idem starts");
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -76,12 +76,13 @@ async fn spawn_until_ready(mut command: Command, stdout: &Path, stderr: &Path, p
     }
 }
 
-fn read(path: &Path) -> String {
+/// A file's text, or why it cannot be read.
+pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| format!("({}: {e})", path.display()))
 }
 
 /// Waits (polling) for a child to exit.
-async fn wait_for_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+pub async fn wait_for_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + within;
     loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
@@ -604,7 +605,8 @@ pub fn service_address(url: &str) -> String {
 
 /// Fails loudly when a service the test needs is not listening: CI treats a missing
 /// service as a failure, never as a skipped test.
-fn require_service(name: &str, variable: &str, url: &str) {
+/// Fails loudly when a service the test needs is not listening.
+pub fn require_service(name: &str, variable: &str, url: &str) {
     let address = service_address(url);
     let reachable = address
         .parse::<std::net::SocketAddr>()

@@ -1,0 +1,534 @@
+//! The consumer file of `idem consume` (SPEC §6): the raw TOML tree, and its validation into
+//! a [`Consumer`] with every problem named by its key path.
+//!
+//! `[deliver]` is a runner step in all but name (same templates, same checks, same
+//! messages), so it is validated by the runner's own code; `deliver.flow` borrows the steps
+//! of a flow file instead.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::core::OnUnknown;
+use crate::gateway::config::{RawAdmin, parse_toml};
+use crate::runner::flow::{self, RawFlow, RawStep, Step};
+
+/// The consumer file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsumer {
+    /// The subscriber's name: records are `consumer:{subscriber}`.
+    pub subscriber: Option<String>,
+    /// Store URL.
+    pub store: Option<String>,
+    /// Deliveries of one message before it is `needs_review`.
+    pub max_attempts: Option<i64>,
+    /// How long a message id (and an object's last version) is remembered.
+    pub retention: Option<String>,
+    /// Messages in flight at once (and the broker's prefetch).
+    pub concurrency: Option<i64>,
+    /// Time limit of one call to the endpoint.
+    pub timeout: Option<String>,
+    /// `[source]`.
+    pub source: Option<RawSource>,
+    /// `[deliver]`.
+    pub deliver: Option<RawDeliver>,
+    /// `[admin]`: metrics and the records API on a listener of their own (off by default).
+    pub admin: Option<RawAdmin>,
+}
+
+/// `[source]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    /// `nats = { … }`.
+    pub nats: Option<RawNats>,
+    /// `rabbitmq = { … }`.
+    pub rabbitmq: Option<RawRabbit>,
+    /// `"header"` or `{ body = "/pointer" }`.
+    pub message_id: Option<RawMessageId>,
+}
+
+/// `source.nats`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNats {
+    /// `nats://host:port`.
+    pub url: Option<String>,
+    /// The JetStream stream (created when missing).
+    pub stream: Option<String>,
+    /// The subject filter.
+    pub subject: Option<String>,
+    /// The durable pull consumer's name (created when missing).
+    pub durable: Option<String>,
+    /// How long the server waits for an ack before it redelivers.
+    pub ack_wait: Option<String>,
+}
+
+/// `source.rabbitmq`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRabbit {
+    /// `amqp://user:password@host:port/vhost`.
+    pub url: Option<String>,
+    /// The queue (declared durable when missing).
+    pub queue: Option<String>,
+    /// Where rejected (poison) messages go, set on a queue idem declares.
+    pub dead_letter_exchange: Option<String>,
+}
+
+/// `source.message_id`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawMessageId {
+    /// `"header"`.
+    Named(String),
+    /// `{ body = "/id" }`.
+    Body {
+        /// JSON pointer into the message.
+        body: String,
+    },
+}
+
+/// `[deliver]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeliver {
+    /// HTTP method.
+    pub method: Option<String>,
+    /// URL template.
+    pub url: Option<String>,
+    /// Body template (default: the message).
+    pub body: Option<toml::Value>,
+    /// Extra headers.
+    pub headers: Option<BTreeMap<String, String>>,
+    /// The header carrying the message id.
+    pub idempotency_header: Option<String>,
+    /// Values of the answer kept in the ledger.
+    pub capture: Option<BTreeMap<String, String>>,
+    /// A delivery sent but never answered: `"retry"` or `"review"`.
+    pub on_unknown: Option<OnUnknown>,
+    /// A flow file whose steps each message runs through, instead of one call.
+    pub flow: Option<String>,
+    /// The ordering guard.
+    pub version: Option<RawVersion>,
+}
+
+/// `deliver.version`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVersion {
+    /// JSON pointer to the object's id.
+    pub object: Option<String>,
+    /// JSON pointer to its version (a number, or a string that sorts).
+    pub version: Option<String>,
+}
+
+/// A validated consumer.
+#[derive(Clone, Debug)]
+pub struct Consumer {
+    /// The subscriber's name.
+    pub subscriber: String,
+    /// Store URL.
+    pub store: String,
+    /// Deliveries of one message before it is `needs_review`.
+    pub max_attempts: u32,
+    /// How long message ids and versions are remembered.
+    pub retention: Duration,
+    /// Messages in flight at once.
+    pub concurrency: usize,
+    /// Time limit of one call.
+    pub timeout: Duration,
+    /// The broker.
+    pub broker: Broker,
+    /// Where the message id comes from.
+    pub message_id: MessageId,
+    /// The steps a message runs through: one (`[deliver]`), or a flow's.
+    pub steps: Vec<Step>,
+    /// True when the steps come from `deliver.flow` (their keys are then the runner's).
+    pub from_flow: bool,
+    /// The ordering guard.
+    pub version: Option<VersionPointers>,
+    /// The admin listener and its token.
+    pub admin: Option<(SocketAddr, Option<String>)>,
+}
+
+/// The broker and what to consume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Broker {
+    /// NATS JetStream, durable pull consumer.
+    Nats {
+        /// Server URL.
+        url: String,
+        /// Stream name.
+        stream: String,
+        /// Subject filter.
+        subject: String,
+        /// Durable consumer name.
+        durable: String,
+        /// Redelivery after this long without an ack.
+        ack_wait: Duration,
+    },
+    /// RabbitMQ, manual acks.
+    Rabbit {
+        /// AMQP URL.
+        url: String,
+        /// Queue name.
+        queue: String,
+        /// Dead-letter exchange for a queue idem declares.
+        dead_letter_exchange: Option<String>,
+    },
+}
+
+/// Where a message's id is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageId {
+    /// `Nats-Msg-Id` / the AMQP `message_id` property.
+    Header,
+    /// A JSON pointer into the message.
+    Body(String),
+}
+
+/// `deliver.version`, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionPointers {
+    /// Pointer to the object's id.
+    pub object: String,
+    /// Pointer to its version.
+    pub version: String,
+}
+
+/// A consumer file that cannot be used: every problem, each with its path.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid consumer:\n  {}", .0.join("\n  "))]
+pub struct ConsumerError(pub Vec<String>);
+
+/// Reads and validates a consumer file; `deliver.flow` is resolved against its directory.
+pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Consumer, ConsumerError> {
+    let in_file = |problems: Vec<String>| {
+        ConsumerError(problems.into_iter().map(|p| format!("{}: {p}", path.display())).collect())
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| in_file(vec![format!("cannot read: {e}")]))?;
+    let raw: RawConsumer = parse_toml(&text).map_err(|e| in_file(vec![e]))?;
+    raw.validate(path.parent().unwrap_or(Path::new("")), env).map_err(|e| in_file(e.0))
+}
+
+/// Collects problems with their paths.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn push(&mut self, path: &str, message: impl std::fmt::Display) {
+        self.0.push(format!("{path}: {message}"));
+    }
+
+    fn check<T>(&mut self, path: &str, result: Result<T, String>) -> Option<T> {
+        result.map_err(|e| self.push(path, e)).ok()
+    }
+
+    fn required<T>(&mut self, path: &str, value: Option<T>, example: &str) -> Option<T> {
+        if value.is_none() {
+            self.push(path, format_args!("required, e.g. {example}"));
+        }
+        value
+    }
+}
+
+impl RawConsumer {
+    /// Validates the tree; `base_dir` is where a relative `deliver.flow` starts.
+    pub fn validate(self, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Consumer, ConsumerError> {
+        let mut p = Problems::default();
+        let subscriber = p.required("subscriber", self.subscriber, "subscriber = \"orders-sync\"");
+        let subscriber = subscriber.and_then(|s| p.check("subscriber", name(&s).map(|()| s)));
+        let store = self.store.unwrap_or_else(|| flow::DEFAULT_STORE.into());
+        if store.trim().is_empty() {
+            p.push("store", "must not be empty");
+        }
+        let max_attempts = p.check("max_attempts", bounded(self.max_attempts.unwrap_or(5), 1, 1000));
+        let retention = p.check("retention", duration(self.retention.as_deref().unwrap_or("7d")));
+        let concurrency = p.check("concurrency", bounded(self.concurrency.unwrap_or(16), 1, 4096));
+        let timeout = p.check("timeout", duration(self.timeout.as_deref().unwrap_or("30s")));
+        let source = p.required("source", self.source, "[source] with nats = { url, stream, subject, durable }");
+        let (broker, message_id) = match source {
+            Some(source) => source.validate(&mut p),
+            None => (None, None),
+        };
+        let deliver = p.required("deliver", self.deliver, "[deliver] with url = \"http://127.0.0.1:9000/orders\"");
+        let (steps, from_flow, version) = match (deliver, &subscriber) {
+            (Some(deliver), Some(subscriber)) => deliver.validate(subscriber, base_dir, &mut p),
+            _ => (None, false, None),
+        };
+        let admin = self.admin.map(|admin| admin_listener(admin, env, &mut p));
+        match (subscriber, max_attempts, retention, concurrency, timeout, broker, message_id, steps, admin) {
+            (
+                Some(subscriber),
+                Some(max_attempts),
+                Some(retention),
+                Some(concurrency),
+                Some(timeout),
+                Some(broker),
+                Some(message_id),
+                Some(steps),
+                admin,
+            ) if p.0.is_empty() => Ok(Consumer {
+                subscriber,
+                store,
+                max_attempts,
+                retention,
+                concurrency,
+                timeout,
+                broker,
+                message_id,
+                steps,
+                from_flow,
+                version,
+                admin: admin.flatten(),
+            }),
+            _ => Err(ConsumerError(p.0)),
+        }
+    }
+}
+
+impl RawSource {
+    fn validate(self, p: &mut Problems) -> (Option<Broker>, Option<MessageId>) {
+        let broker = match (self.nats, self.rabbitmq) {
+            (Some(nats), None) => nats.validate(p),
+            (None, Some(rabbit)) => rabbit.validate(p),
+            (None, None) => {
+                p.push("source", "give nats = { url, stream, subject, durable } or rabbitmq = { url, queue }");
+                None
+            }
+            (Some(_), Some(_)) => {
+                p.push("source", "nats and rabbitmq are given together; give exactly one");
+                None
+            }
+        };
+        let message_id = match self.message_id {
+            None => Some(MessageId::Header),
+            Some(RawMessageId::Named(name)) if name == "header" => Some(MessageId::Header),
+            Some(RawMessageId::Named(name)) => {
+                p.push("source.message_id", format_args!("{name:?}: say \"header\" or {{ body = \"/id\" }}"));
+                None
+            }
+            Some(RawMessageId::Body { body }) => {
+                p.check("source.message_id.body", pointer(&body)).map(|()| MessageId::Body(body))
+            }
+        };
+        (broker, message_id)
+    }
+}
+
+impl RawNats {
+    fn validate(self, p: &mut Problems) -> Option<Broker> {
+        let url = p.required("source.nats.url", self.url, "url = \"nats://127.0.0.1:4222\"");
+        let url = url.and_then(|u| p.check("source.nats.url", scheme(&u, &["nats", "tls"]).map(|()| u)));
+        let stream = p.required("source.nats.stream", self.stream, "stream = \"ORDERS\"");
+        let stream = stream.and_then(|s| p.check("source.nats.stream", nats_name(&s).map(|()| s)));
+        let subject = p.required("source.nats.subject", self.subject, "subject = \"orders.>\"");
+        let subject = subject.and_then(|s| {
+            let ok = !s.is_empty() && !s.contains(char::is_whitespace) && !s.split('.').any(str::is_empty);
+            p.check("source.nats.subject", if ok { Ok(s) } else { Err("not a subject, e.g. \"orders.>\"".into()) })
+        });
+        let durable = p.required("source.nats.durable", self.durable, "durable = \"orders-sync\"");
+        let durable = durable.and_then(|d| p.check("source.nats.durable", nats_name(&d).map(|()| d)));
+        let ack_wait = p.check("source.nats.ack_wait", duration(self.ack_wait.as_deref().unwrap_or("30s")));
+        Some(Broker::Nats { url: url?, stream: stream?, subject: subject?, durable: durable?, ack_wait: ack_wait? })
+    }
+}
+
+impl RawRabbit {
+    fn validate(self, p: &mut Problems) -> Option<Broker> {
+        let url = p.required("source.rabbitmq.url", self.url, "url = \"amqp://guest:guest@127.0.0.1:5672/%2f\"");
+        let url = url.and_then(|u| p.check("source.rabbitmq.url", scheme(&u, &["amqp", "amqps"]).map(|()| u)));
+        let queue = p.required("source.rabbitmq.queue", self.queue, "queue = \"orders\"");
+        let queue = queue.and_then(|q| {
+            let ok = !q.is_empty() && q.len() <= 255;
+            p.check("source.rabbitmq.queue", if ok { Ok(q) } else { Err("1 to 255 bytes".into()) })
+        });
+        if self.dead_letter_exchange.as_deref().is_some_and(|x| x.len() > 255) {
+            p.push("source.rabbitmq.dead_letter_exchange", "at most 255 bytes");
+        }
+        Some(Broker::Rabbit { url: url?, queue: queue?, dead_letter_exchange: self.dead_letter_exchange })
+    }
+}
+
+impl RawDeliver {
+    /// The steps, whether they come from a flow, and the ordering guard.
+    fn validate(
+        self,
+        subscriber: &str,
+        base_dir: &Path,
+        p: &mut Problems,
+    ) -> (Option<Vec<Step>>, bool, Option<VersionPointers>) {
+        let version = self.version.and_then(|v| {
+            let object = p.required("deliver.version.object", v.object, "object = \"/order_id\"");
+            let object = object.and_then(|o| p.check("deliver.version.object", pointer(&o).map(|()| o)));
+            let version = p.required("deliver.version.version", v.version, "version = \"/version\"");
+            let version = version.and_then(|o| p.check("deliver.version.version", pointer(&o).map(|()| o)));
+            Some(VersionPointers { object: object?, version: version? })
+        });
+        let Some(file) = self.flow else {
+            let raw = RawStep {
+                name: Some(subscriber.to_owned()),
+                method: self.method,
+                url: self.url,
+                body: self.body,
+                headers: self.headers,
+                key_strategy: None,
+                resend_on_change: None,
+                idempotency_header: self.idempotency_header,
+                capture: self.capture,
+                when_known: None,
+                guard: None,
+                on_unknown: self.on_unknown,
+            };
+            let step = flow::validate_step(raw, "deliver").map_err(|problems| p.0.extend(problems)).ok();
+            return (step.map(|s| vec![s]), false, version);
+        };
+        let beside = [
+            ("method", self.method.is_some()),
+            ("url", self.url.is_some()),
+            ("body", self.body.is_some()),
+            ("headers", self.headers.is_some()),
+            ("idempotency_header", self.idempotency_header.is_some()),
+            ("capture", self.capture.is_some()),
+            ("on_unknown", self.on_unknown.is_some()),
+        ];
+        for (key, _) in beside.iter().filter(|(_, given)| *given) {
+            p.push(&format!("deliver.{key}"), "comes from the flow's steps when deliver.flow is given");
+        }
+        let path = base_dir.join(&file);
+        (flow_steps(&path).map_err(|e| p.push("deliver.flow", e)).ok(), true, version)
+    }
+}
+
+/// The steps of a flow file; its `[source]` does not matter here and may be left out.
+fn flow_steps(path: &PathBuf) -> Result<Vec<Step>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut raw: RawFlow = parse_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if raw.source.is_none() {
+        raw.source = Some(flow::RawSource {
+            jsonl: Some("-".into()),
+            primary_key: Some(vec!["id".into()]),
+            ..Default::default()
+        });
+    }
+    let flow = raw.validate(None).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(flow.steps)
+}
+
+fn admin_listener(
+    admin: RawAdmin,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems,
+) -> Option<(SocketAddr, Option<String>)> {
+    let listen = p.required("admin.listen", admin.listen, "listen = \"127.0.0.1:8082\"")?;
+    let address: SocketAddr =
+        p.check("admin.listen", listen.parse().map_err(|_| format!("{listen:?} is not HOST:PORT")))?;
+    let token_env = admin.token_env.unwrap_or_else(|| "IDEM_ADMIN_TOKEN".into());
+    let token = env(&token_env).filter(|t| !t.is_empty());
+    if !address.ip().is_loopback() && token.is_none() {
+        p.push(
+            "admin.listen",
+            format_args!("{address} is not a loopback address, so it needs a token: set {token_env}"),
+        );
+    }
+    Some((address, token))
+}
+
+fn name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty() && s.len() <= 100 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok { Ok(()) } else { Err(format!("{s:?}: letters, digits, '-', '_' and '.' only (1 to 100)")) }
+}
+
+fn nats_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty() && !s.bytes().any(|b| b.is_ascii_whitespace() || b".*>/\\".contains(&b));
+    if ok { Ok(()) } else { Err(format!("{s:?}: no spaces, '.', '*', '>', '/' or '\\\\'")) }
+}
+
+fn scheme(url: &str, allowed: &[&str]) -> Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    if allowed.contains(&parsed.scheme()) {
+        Ok(())
+    } else {
+        Err(format!("the scheme must be one of {}", allowed.join(", ")))
+    }
+}
+
+fn pointer(s: &str) -> Result<(), String> {
+    if s.starts_with('/') { Ok(()) } else { Err(format!("{s:?} is not a JSON pointer: it starts with '/'")) }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be longer than zero".into()),
+        Err(e) => Err(format!("{s:?}: {e} (e.g. \"30s\", \"7d\")")),
+    }
+}
+
+fn bounded<T: TryFrom<i64>>(n: i64, low: i64, high: i64) -> Result<T, String> {
+    if (low..=high).contains(&n) {
+        T::try_from(n).map_err(|_| format!("{n} is out of range"))
+    } else {
+        Err(format!("{n} is out of range {low}..={high}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Consumer, ConsumerError> {
+        let raw: RawConsumer = parse_toml(text).map_err(|e| ConsumerError(vec![e]))?;
+        raw.validate(Path::new("."), &|_| None)
+    }
+
+    const NATS: &str = r#"
+        subscriber = "orders-sync"
+        [source]
+        nats = { url = "nats://127.0.0.1:4222", stream = "ORDERS", subject = "orders.>", durable = "orders-sync" }
+        [deliver]
+        url = "http://127.0.0.1:9000/orders"
+        version = { object = "/order_id", version = "/version" }
+    "#;
+
+    #[test]
+    fn the_spec_example_is_valid() {
+        let consumer = parse(NATS).expect("valid");
+        assert_eq!(consumer.steps.len(), 1);
+        assert_eq!(consumer.steps[0].name, "orders-sync");
+        assert_eq!(consumer.message_id, MessageId::Header);
+        assert!(matches!(&consumer.broker, Broker::Nats { durable, .. } if durable == "orders-sync"));
+        assert_eq!(consumer.version.as_ref().map(|v| v.object.as_str()), Some("/order_id"));
+        let rabbit = r#"
+            subscriber = "s"
+            [source]
+            rabbitmq = { url = "amqp://guest:guest@127.0.0.1:5672/%2f", queue = "orders" }
+            message_id = { body = "/id" }
+            [deliver]
+            url = "http://h/x/{{record.id}}"
+        "#;
+        let consumer = parse(rabbit).expect("valid");
+        assert_eq!(consumer.message_id, MessageId::Body("/id".into()));
+    }
+
+    #[test]
+    fn mistakes_are_named_by_their_path() {
+        let problems = |text: &str| parse(text).expect_err("invalid").0.join("\n");
+        let unknown = problems(&NATS.replace("[deliver]", "[deliver]\nretries = 3"));
+        assert!(unknown.contains("deliver.retries") || unknown.contains("deliver"), "{unknown}");
+        assert!(unknown.contains("unknown field"), "{unknown}");
+        let bad = problems(&NATS.replace("url = \"http://127.0.0.1:9000/orders\"", "url = \"ftp://h/{{steps.x.id}}\""));
+        assert!(bad.contains("deliver.url"), "{bad}");
+        let both = problems(&NATS.replace("[deliver]", "rabbitmq = { url = \"amqp://h\", queue = \"q\" }\n[deliver]"));
+        assert!(both.contains("source: nats and rabbitmq are given together"), "{both}");
+        let pointer = problems(&NATS.replace("\"/version\"", "\"version\""));
+        assert!(pointer.contains("deliver.version.version"), "{pointer}");
+        let attempts = problems(&format!("max_attempts = 0\n{NATS}"));
+        assert!(attempts.contains("max_attempts: 0 is out of range"), "{attempts}");
+    }
+}

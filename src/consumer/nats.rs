@@ -1,0 +1,158 @@
+//! NATS JetStream as a source: a durable pull consumer with explicit acks. The stream and
+//! the consumer are created when missing; a retryable failure is a `nak` with a delay; a
+//! poison message is terminated (`term`: never redelivered; the stream keeps it under its
+//! own limits).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Inbound, Settle};
+
+/// Where to consume from.
+pub struct Nats {
+    /// Server URL.
+    pub url: String,
+    /// Stream name.
+    pub stream: String,
+    /// Subject filter.
+    pub subject: String,
+    /// Durable consumer name.
+    pub durable: String,
+    /// Redelivery after this long without an ack.
+    pub ack_wait: Duration,
+    /// Messages pulled ahead.
+    pub batch: usize,
+}
+
+/// Feeds `messages` until `closing`, reconnecting with backoff. Messages taken but not
+/// settled when the source closes are redelivered by the server after `ack_wait`.
+pub async fn feed(source: Nats, subscriber: String, messages: mpsc::Sender<Inbound>, closing: CancellationToken) {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let outcome = tokio::select! {
+            outcome = consume(&source, &subscriber, &messages, &mut pause) => outcome,
+            () = closing.cancelled() => return,
+        };
+        match outcome {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?pause, "NATS JetStream unavailable; will reconnect");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = closing.cancelled() => return,
+                }
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// One connection's life: `Ok` when the consumer stopped taking messages, `Err` to reconnect.
+async fn consume(
+    source: &Nats,
+    subscriber: &str,
+    messages: &mpsc::Sender<Inbound>,
+    pause: &mut Duration,
+) -> Result<(), String> {
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("idem consume {subscriber}"))
+        .connect(source.url.as_str())
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", source.url))?;
+    let js = jetstream::new(client);
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: source.stream.clone(),
+            subjects: vec![source.subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("stream {}: {e}", source.stream))?;
+    let consumer: consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &source.durable,
+            consumer::pull::Config {
+                durable_name: Some(source.durable.clone()),
+                filter_subject: source.subject.clone(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: source.ack_wait,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("consumer {}: {e}", source.durable))?;
+    let mut pulled = consumer
+        .stream()
+        .max_messages_per_batch(source.batch)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| format!("cannot pull from {}: {e}", source.durable))?;
+    tracing::info!(stream = %source.stream, durable = %source.durable, "consuming from NATS JetStream");
+    *pause = Duration::from_millis(200);
+    let lag = report_lag(consumer.clone(), subscriber.to_owned());
+    let _lag = scopeguard(lag);
+    while let Some(message) = pulled.next().await {
+        let message = message.map_err(|e| format!("pulling from {}: {e}", source.durable))?;
+        let deliveries = message.info().map(|info| u64::try_from(info.delivered).unwrap_or(1)).unwrap_or(1);
+        let header_id = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|value| value.as_str().to_owned());
+        let inbound =
+            Inbound { header_id, payload: message.payload.clone(), deliveries, settle: Box::new(Settled(message)) };
+        if messages.send(inbound).await.is_err() {
+            return Ok(());
+        }
+    }
+    Err("the pull subscription ended".into())
+}
+
+/// Refreshes `idem_consumer_lag` (messages the consumer has not been delivered yet) every
+/// five seconds.
+fn report_lag(consumer: consumer::PullConsumer, subscriber: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let gauge = metrics::gauge!(crate::metrics::CONSUMER_LAG, "subscriber" => subscriber);
+        loop {
+            if let Ok(info) = consumer.get_info().await {
+                #[allow(clippy::cast_precision_loss)]
+                gauge.set(info.num_pending as f64);
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    })
+}
+
+/// Aborts a background task when dropped.
+fn scopeguard(task: tokio::task::JoinHandle<()>) -> impl Drop {
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    Abort(task)
+}
+
+struct Settled(jetstream::Message);
+
+#[async_trait::async_trait]
+impl Settle for Settled {
+    async fn ack(self: Box<Self>) -> Result<(), String> {
+        self.0.ack().await.map_err(|e| e.to_string())
+    }
+
+    async fn retry(self: Box<Self>, after: Duration) -> Result<(), String> {
+        self.0.ack_with(AckKind::Nak(Some(after))).await.map_err(|e| e.to_string())
+    }
+
+    async fn reject(self: Box<Self>) -> Result<(), String> {
+        self.0.ack_with(AckKind::Term).await.map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,173 @@
+//! RabbitMQ as a source: manual acks with a prefetch window, the queue declared (durable)
+//! when missing. A retryable failure is requeued after its delay (RabbitMQ has no delayed
+//! `nack`, so the message keeps its prefetch slot while it waits); a poison message is
+//! rejected without requeueing, which dead-letters it when the queue has a dead-letter
+//! exchange.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Connection, ConnectionProperties};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Inbound, Settle};
+
+/// Where to consume from.
+pub struct Rabbit {
+    /// AMQP URL.
+    pub url: String,
+    /// Queue name.
+    pub queue: String,
+    /// Dead-letter exchange of a queue idem declares.
+    pub dead_letter_exchange: Option<String>,
+    /// Unacknowledged messages the broker sends ahead.
+    pub prefetch: u16,
+}
+
+/// Feeds `messages` until `closing`, reconnecting with backoff. When the connection closes,
+/// the broker requeues what was delivered and not acknowledged.
+pub async fn feed(source: Rabbit, subscriber: String, messages: mpsc::Sender<Inbound>, closing: CancellationToken) {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let connection = match connect(&source.url).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?pause, "RabbitMQ unavailable; will reconnect");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = closing.cancelled() => return,
+                }
+                pause = (pause * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = consume(&connection, &source, &subscriber, &messages, &mut pause) => outcome,
+            () = closing.cancelled() => Ok(()),
+        };
+        match outcome {
+            Ok(()) => {
+                // Settlements in flight were awaited before `closing`; closing the connection
+                // now hands back whatever was prefetched and never taken.
+                let _ = connection.close(200, "idem consume stopping").await;
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?pause, "RabbitMQ connection lost; will reconnect");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = closing.cancelled() => return,
+                }
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<Connection, String> {
+    let properties = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio::current());
+    Connection::connect(url, properties).await.map_err(|e| format!("cannot connect: {e}"))
+}
+
+/// Declares the queue when missing. A passive declaration first: a queue that exists is used
+/// as it is (redeclaring it with other arguments would fail).
+async fn declare(connection: &Connection, source: &Rabbit) -> Result<u32, String> {
+    let probe = connection.create_channel().await.map_err(|e| e.to_string())?;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    if let Ok(queue) = probe.queue_declare(&source.queue, passive, FieldTable::default()).await {
+        let _ = probe.close(200, "declared").await;
+        return Ok(queue.message_count());
+    }
+    let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+    let mut arguments = FieldTable::default();
+    if let Some(exchange) = &source.dead_letter_exchange {
+        arguments.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(exchange.as_str().into()));
+    }
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    let queue = channel
+        .queue_declare(&source.queue, durable, arguments)
+        .await
+        .map_err(|e| format!("cannot declare queue {}: {e}", source.queue))?;
+    let _ = channel.close(200, "declared").await;
+    Ok(queue.message_count())
+}
+
+/// One connection's life: `Ok` when the consumer stopped taking messages, `Err` to reconnect.
+async fn consume(
+    connection: &Connection,
+    source: &Rabbit,
+    subscriber: &str,
+    messages: &mpsc::Sender<Inbound>,
+    pause: &mut Duration,
+) -> Result<(), String> {
+    declare(connection, source).await?;
+    let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+    channel.basic_qos(source.prefetch, BasicQosOptions::default()).await.map_err(|e| e.to_string())?;
+    let tag = format!("idem-{subscriber}-{}", std::process::id());
+    let mut deliveries = channel
+        .basic_consume(&source.queue, &tag, BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .map_err(|e| format!("cannot consume {}: {e}", source.queue))?;
+    tracing::info!(queue = %source.queue, "consuming from RabbitMQ");
+    *pause = Duration::from_millis(200);
+    let lag_channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+    let lag = tokio::spawn(report_lag(lag_channel, source.queue.clone(), subscriber.to_owned()));
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _lag = Abort(lag);
+    while let Some(delivery) = deliveries.next().await {
+        let delivery = delivery.map_err(|e| format!("consuming {}: {e}", source.queue))?;
+        let header_id = delivery.properties.message_id().as_ref().map(|id| id.as_str().to_owned());
+        let inbound = Inbound {
+            header_id,
+            payload: bytes::Bytes::from(delivery.data),
+            deliveries: if delivery.redelivered { 2 } else { 1 },
+            settle: Box::new(Settled(delivery.acker)),
+        };
+        if messages.send(inbound).await.is_err() {
+            return Ok(());
+        }
+    }
+    Err("the consumer was cancelled".into())
+}
+
+/// Refreshes `idem_consumer_lag` (messages ready in the queue) every five seconds.
+async fn report_lag(channel: lapin::Channel, queue: String, subscriber: String) {
+    let gauge = metrics::gauge!(crate::metrics::CONSUMER_LAG, "subscriber" => subscriber);
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    loop {
+        if let Ok(queue) = channel.queue_declare(&queue, passive, FieldTable::default()).await {
+            gauge.set(f64::from(queue.message_count()));
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+struct Settled(lapin::acker::Acker);
+
+#[async_trait::async_trait]
+impl Settle for Settled {
+    async fn ack(self: Box<Self>) -> Result<(), String> {
+        self.0.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    async fn retry(self: Box<Self>, after: Duration) -> Result<(), String> {
+        tokio::time::sleep(after).await;
+        let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+        self.0.nack(requeue).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    async fn reject(self: Box<Self>) -> Result<(), String> {
+        let drop = BasicNackOptions { requeue: false, ..Default::default() };
+        self.0.nack(drop).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+}

@@ -517,6 +517,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_consumer_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/orders-consumer.toml");
+        let consumer = load(&path, &|_| None).expect("examples/ holds a valid consumer");
+        assert_eq!(consumer.subscriber, "orders-sync");
+        assert!(consumer.admin.is_some());
+    }
+
+    #[test]
     fn mistakes_are_named_by_their_path() {
         let problems = |text: &str| parse(text).expect_err("invalid").0.join("\n");
         let unknown = problems(&NATS.replace("[deliver]", "[deliver]\nretries = 3"));

@@ -24,7 +24,8 @@ macro_rules! conformance_tests {
             renew_extends_the_lease, retryable_failure_recovers, expired_record_is_claimed_anew,
             purge_removes_only_expired, unretained_response_is_gone, list_pages_newest_first,
             delete_forgets, resolve_settles_unknown, stats_count_by_scope_and_status,
-            tenants_never_meet, responses_round_trip_exactly, changed_payload_is_resent_when_allowed);
+            tenants_never_meet, responses_round_trip_exactly, changed_payload_is_resent_when_allowed,
+            a_new_version_supersedes_any_state_but_a_live_lease);
     };
     (@each $make:expr; $($case:ident),*) => {
         $(
@@ -372,4 +373,29 @@ pub async fn changed_payload_is_resent_when_allowed(store: Arc<dyn Store>) {
     assert_eq!(replay.decision, Decision::Replay);
     assert_eq!(replay.record.unwrap().response.unwrap().body, Bytes::from_static(b"updated"));
     assert_eq!(store.claim(&intent("k", 1, T0 + 4), REVIEW).await.unwrap().decision, Decision::KeyReused);
+}
+
+/// With `OnChange::Supersede` (the consumer's ordering guard) another payload takes the key
+/// over from a failed or abandoned claim, never from a live lease, and the last completed
+/// answer stays on the record through it all.
+pub async fn a_new_version_supersedes_any_state_but_a_live_lease(store: Arc<dyn Store>) {
+    let supersede = ClaimPolicy { on_unknown: OnUnknown::Retry, on_change: crate::core::OnChange::Supersede };
+    complete(store.as_ref(), "o", T0).await;
+    let v2 = store.claim(&intent("o", 2, T0 + 1), supersede).await.unwrap();
+    assert_eq!(v2.decision, Decision::Execute(ExecuteReason::Changed));
+    let held = store.claim(&intent("o", 3, T0 + 2), supersede).await.unwrap();
+    assert_eq!(held.decision, Decision::InFlight, "a live lease holds the key");
+    let id = v2.record.unwrap().id;
+    let failed = Outcome::Retryable { error: "not applied".into() };
+    assert!(store.finish(&id, v2.token.unwrap(), failed, T0 + 3).await.unwrap());
+    let v3 = store.claim(&intent("o", 3, T0 + 4), supersede).await.unwrap();
+    assert_eq!(v3.decision, Decision::Execute(ExecuteReason::Changed), "a failed claim gives the key up");
+    assert_eq!(v3.record.unwrap().response, Some(response(201, "{}")));
+    // Its owner dies: once the lease ran out, the next version takes over.
+    let v4 = store.claim(&intent("o", 4, T0 + 5 + LEASE), supersede).await.unwrap();
+    assert_eq!(v4.decision, Decision::Execute(ExecuteReason::Changed), "an abandoned claim gives the key up");
+    assert_eq!(v4.record.unwrap().response, Some(response(201, "{}")), "the last completed answer survives");
+    assert!(
+        !store.finish(&id, v3.token.unwrap(), Outcome::Completed(response(200, "v3")), T0 + 6 + LEASE).await.unwrap()
+    );
 }

@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use crate::support::{
-    Gateway, Upstream, client, idem, idem_log, postgres_store, read, require_service, spawn_until_ready, unique_suffix,
-    wait_for_exit,
+    Gateway, Relay, Upstream, client, idem, idem_log, postgres_store, read, require_service, service_address,
+    spawn_until_ready, unique_suffix, wait_for_exit,
 };
 
 fn nats_url() -> String {
@@ -482,4 +482,85 @@ async fn a_bad_consumer_file_is_refused_with_the_key_path() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("deliver.retry") && stderr.contains("unknown field"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consumers_reconnect_when_the_broker_connection_is_cut() {
+    let upstream = Upstream::start().await;
+    // NATS: the client reconnects by itself; the pull subscription is made anew.
+    let nats_relay = Relay::start(&service_address(&nats_url())).await;
+    let stream = format!("IT_{}", unique_suffix());
+    let toml = nats_consumer("nats-cut", &stream, &upstream.url(), "", "")
+        .replace(&nats_url(), &format!("nats://{}", nats_relay.address()));
+    let nats_consumer = Consumer::start("nats-cut", &toml).await;
+    // RabbitMQ: idem reconnects with backoff and consumes again.
+    let rabbit_relay = Relay::start(&service_address(&rabbit_url())).await;
+    let queue = format!("it-cut-{}", unique_suffix());
+    let toml = format!(
+        "subscriber = \"rabbit-cut\"\n[source]\nrabbitmq = {{ url = \"amqp://guest:guest@{}/%2f\", queue = \"{queue}\" }}\n\
+         [deliver]\nurl = \"{}/orders\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        rabbit_relay.address(),
+        upstream.url()
+    );
+    let rabbit_consumer = Consumer::start("rabbit-cut", &toml).await;
+
+    let nats = Nats::connect(&stream).await;
+    nats.wait_for_stream().await;
+    let connection = rabbit().await;
+    let channel = connection.create_channel().await.expect("a channel");
+    eventually("the consumer to declare its queue", || async {
+        let probe = connection.create_channel().await.expect("a channel");
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        probe.queue_declare(&queue, passive, FieldTable::default()).await.is_ok()
+    })
+    .await;
+    let publish_both = |range: std::ops::Range<u32>| {
+        let (nats, channel, queue, subject) = (&nats, &channel, &queue, format!("{stream}.x"));
+        async move {
+            for n in range {
+                nats.publish(&subject, json!({ "order_id": n }), Some(&format!("nats-{n}"))).await;
+                let body = json!({ "order_id": n }).to_string();
+                publish_amqp(channel, queue, body.as_bytes(), Some(&format!("amqp-{n}"))).await;
+            }
+        }
+    };
+    publish_both(0..5).await;
+    eventually("the first five delivered by both", || async {
+        nats_consumer.count("delivered").await == 5 && rabbit_consumer.count("delivered").await == 5
+    })
+    .await;
+    nats_relay.cut();
+    rabbit_relay.cut();
+    publish_both(5..10).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats_relay.restore();
+    rabbit_relay.restore();
+    eventually("the next five delivered after the broker came back", || async {
+        nats_consumer.count("delivered").await == 10 && rabbit_consumer.count("delivered").await == 10
+    })
+    .await;
+    assert_eq!(upstream.stats().await["calls"], 20);
+    let _ = channel.queue_delete(&queue, QueueDeleteOptions::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_the_messages_in_flight() {
+    let upstream = Upstream::start().await;
+    let stream = format!("IT_{}", unique_suffix());
+    let toml = nats_consumer("graceful", &stream, &upstream.url(), "", "headers = { \"X-Demo-Delay\" = \"1s\" }");
+    let mut consumer = Consumer::start("graceful", &toml).await;
+    let nats = Nats::connect(&stream).await;
+    nats.wait_for_stream().await;
+    nats.publish(&format!("{stream}.x"), json!({ "order_id": "slow" }), Some("slow-1")).await;
+    eventually("the slow call to reach the endpoint", || async { upstream.calls().await == 1 }).await;
+    let status = consumer.terminate().await;
+    assert!(status.success(), "{status}: {}", consumer.logs());
+    let store = format!("sqlite://{}", consumer.dir.path().join("idem.db").display());
+    let record = idem_log(&store, &["show", "--scope", "consumer:graceful", "--key", "slow-1", "--json"]).json();
+    assert_eq!(record["status"], "completed", "the answer was recorded before the exit: {record}");
+    // Acknowledged too: a new consumer process receives nothing more.
+    consumer.spawn().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(consumer.count("delivered").await + consumer.count("duplicate").await, 0);
+    assert_eq!(upstream.calls().await, 1);
 }

@@ -23,7 +23,8 @@ use sha2::{Digest, Sha256};
 
 use crate::core::units::millis;
 use crate::core::{
-    ClaimPolicy, Decision, Fingerprint, Intent, LeaseToken, OnChange, OnUnknown, Outcome, RecordId, StoredResponse,
+    ClaimPolicy, Decision, Fingerprint, Intent, LeaseToken, OnChange, OnUnknown, Outcome, RecordId, Replays,
+    StoredResponse,
 };
 use crate::store::{Store, now_millis, owner};
 
@@ -97,7 +98,8 @@ impl VersionGuard {
             lease_ms: millis(self.lease),
             correlation_id: None,
         };
-        let policy = ClaimPolicy { on_unknown: OnUnknown::Retry, on_change: OnChange::Supersede };
+        let policy =
+            ClaimPolicy { on_unknown: OnUnknown::Retry, on_change: OnChange::Supersede, replays: Replays::Ignore };
         let claim = match self.store.claim(&intent, policy).await {
             Ok(claim) => claim,
             Err(e) => return Check::Unavailable(e.to_string()),

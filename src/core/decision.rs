@@ -37,6 +37,17 @@ pub enum OnChange {
     Supersede,
 }
 
+/// Whether a replay is counted on the record (`replay_count`, `last_seen_at`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Replays {
+    /// Counted (lazily, see [`Transition::Touch`]): the gateway's replays are visible.
+    #[default]
+    Count,
+    /// Not counted: a runner re-reading its ledger (a re-run skipping a million steps
+    /// already sent) writes nothing.
+    Ignore,
+}
+
 /// The per-scope settings the decision depends on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClaimPolicy {
@@ -44,6 +55,8 @@ pub struct ClaimPolicy {
     pub on_unknown: OnUnknown,
     /// What a changed payload under a completed key does.
     pub on_change: OnChange,
+    /// Whether replays are counted on the record.
+    pub replays: Replays,
 }
 
 /// Why an intent is executed.
@@ -133,7 +146,14 @@ pub enum Transition {
 
 /// The record a decision leaves behind. `token` is the fresh lease token the store
 /// generated for the caller; it is used only when the decision executes.
-pub fn transition(decision: Decision, existing: Option<&Record>, intent: &Intent, token: LeaseToken) -> Transition {
+/// `policy` is the one the decision was made with (it says whether a replay is counted).
+pub fn transition(
+    decision: Decision,
+    existing: Option<&Record>,
+    intent: &Intent,
+    token: LeaseToken,
+    policy: ClaimPolicy,
+) -> Transition {
     let now = intent.now;
     let lease = Some(Lease { token, locked_until: now + intent.lease_ms });
     match (decision, existing) {
@@ -167,6 +187,7 @@ pub fn transition(decision: Decision, existing: Option<&Record>, intent: &Intent
             correlation_id: intent.correlation_id.clone(),
             ..record.clone()
         }),
+        (Decision::Replay | Decision::NotRetained, Some(_)) if policy.replays == Replays::Ignore => Transition::None,
         (Decision::Replay | Decision::NotRetained, Some(record)) => {
             Transition::Touch(Record { replay_count: record.replay_count + 1, last_seen_at: now, ..record.clone() })
         }
@@ -295,7 +316,7 @@ mod tests {
             let incoming = intent(1);
             let decision = decide(Some(&existing), &incoming, ClaimPolicy::default());
             prop_assert_eq!(decision, Decision::Execute(ExecuteReason::Expired));
-            let Transition::Write(new) = transition(decision, Some(&existing), &incoming, 9) else {
+            let Transition::Write(new) = transition(decision, Some(&existing), &incoming, 9, ClaimPolicy::default()) else {
                 panic!("an execute decision must write a claim");
             };
             prop_assert_eq!(new.status, Status::InProgress);
@@ -315,7 +336,7 @@ mod tests {
             let policy = ClaimPolicy { on_unknown: if retry { OnUnknown::Retry } else { OnUnknown::Review }, ..ClaimPolicy::default() };
             let incoming = intent(1);
             let decision = decide(Some(&existing), &incoming, policy);
-            let leased = match transition(decision, Some(&existing), &incoming, 42) {
+            let leased = match transition(decision, Some(&existing), &incoming, 42, ClaimPolicy::default()) {
                 Transition::Write(r) => r.lease.map(|l| l.token) == Some(42),
                 _ => false,
             };
@@ -337,7 +358,8 @@ mod tests {
 
     #[test]
     fn supersede_takes_any_key_a_live_lease_does_not_hold() {
-        let policy = ClaimPolicy { on_unknown: OnUnknown::Retry, on_change: OnChange::Supersede };
+        let policy =
+            ClaimPolicy { on_unknown: OnUnknown::Retry, on_change: OnChange::Supersede, replays: Replays::Ignore };
         for status in Status::ALL {
             let lease = (status == Status::InProgress).then_some(-1);
             let mut existing = record(status, 1, 1_000, lease, true);
@@ -349,7 +371,9 @@ mod tests {
             });
             let decision = decide(Some(&existing), &intent(2), policy);
             assert_eq!(decision, Decision::Execute(ExecuteReason::Changed), "{status:?}");
-            let Transition::Write(claimed) = transition(decision, Some(&existing), &intent(2), 9) else {
+            let Transition::Write(claimed) =
+                transition(decision, Some(&existing), &intent(2), 9, ClaimPolicy::default())
+            else {
                 panic!("a claim writes");
             };
             assert_eq!(claimed.response, existing.response, "the previous answer stays on the claimed record");
@@ -367,7 +391,11 @@ mod tests {
     fn completed_same_fingerprint_replays() {
         let existing = record(Status::Completed, 1, 1_000, None, true);
         assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::Replay);
-        let Transition::Touch(touched) = transition(Decision::Replay, Some(&existing), &intent(1), 0) else {
+        let ignore = ClaimPolicy { replays: Replays::Ignore, ..ClaimPolicy::default() };
+        assert_eq!(transition(Decision::Replay, Some(&existing), &intent(1), 0, ignore), Transition::None);
+        let Transition::Touch(touched) =
+            transition(Decision::Replay, Some(&existing), &intent(1), 0, ClaimPolicy::default())
+        else {
             panic!("a replay only touches the record");
         };
         assert_eq!(touched.replay_count, 1);
@@ -397,7 +425,8 @@ mod tests {
         let existing = record(Status::InProgress, 1, 1_000, Some(-1), true);
         let decision = decide(Some(&existing), &intent(1), ClaimPolicy::default());
         assert_eq!(decision, Decision::OutcomeUnknown);
-        let Transition::Write(new) = transition(decision, Some(&existing), &intent(1), 0) else {
+        let Transition::Write(new) = transition(decision, Some(&existing), &intent(1), 0, ClaimPolicy::default())
+        else {
             panic!("the lost lease must be recorded");
         };
         assert_eq!(new.status, Status::OutcomeUnknown);
@@ -408,7 +437,10 @@ mod tests {
     fn unknown_stays_unknown_unless_policy_retries() {
         let existing = record(Status::OutcomeUnknown, 1, 1_000, None, true);
         assert_eq!(decide(Some(&existing), &intent(1), ClaimPolicy::default()), Decision::OutcomeUnknown);
-        assert_eq!(transition(Decision::OutcomeUnknown, Some(&existing), &intent(1), 0), Transition::None);
+        assert_eq!(
+            transition(Decision::OutcomeUnknown, Some(&existing), &intent(1), 0, ClaimPolicy::default()),
+            Transition::None
+        );
         let retry = ClaimPolicy { on_unknown: OnUnknown::Retry, ..ClaimPolicy::default() };
         assert_eq!(decide(Some(&existing), &intent(1), retry), Decision::Execute(ExecuteReason::UnknownRetry));
     }
@@ -418,7 +450,8 @@ mod tests {
         let existing = record(Status::FailedRetryable, 1, 1_000, None, true);
         let decision = decide(Some(&existing), &intent(1), ClaimPolicy::default());
         assert_eq!(decision, Decision::Execute(ExecuteReason::RetryRecovery));
-        let Transition::Write(new) = transition(decision, Some(&existing), &intent(1), 3) else {
+        let Transition::Write(new) = transition(decision, Some(&existing), &intent(1), 3, ClaimPolicy::default())
+        else {
             panic!("a retry recovery claims the record");
         };
         assert_eq!(new.attempt_count, 2);
@@ -432,7 +465,8 @@ mod tests {
         assert_eq!(decide(Some(&existing), &intent(2), ClaimPolicy::default()), Decision::KeyReused);
         let decision = decide(Some(&existing), &intent(2), resend);
         assert_eq!(decision, Decision::Execute(ExecuteReason::Changed));
-        let Transition::Write(claimed) = transition(decision, Some(&existing), &intent(2), 5) else {
+        let Transition::Write(claimed) = transition(decision, Some(&existing), &intent(2), 5, ClaimPolicy::default())
+        else {
             panic!("a re-send claims the record");
         };
         assert_eq!(claimed.fingerprint, Fingerprint([2; 32]));

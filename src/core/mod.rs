@@ -11,7 +11,7 @@ pub mod record;
 pub mod units;
 
 pub use decision::{
-    ClaimPolicy, Decision, ExecuteReason, NotResolvable, OnChange, OnUnknown, Resolution, Transition, decide,
+    ClaimPolicy, Decision, ExecuteReason, NotResolvable, OnChange, OnUnknown, Replays, Resolution, Transition, decide,
     is_final_status, resolve, transition,
 };
 pub use fingerprint::{Fingerprint, FingerprintSpec};

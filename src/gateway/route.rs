@@ -57,7 +57,11 @@ pub struct Route {
 impl Route {
     /// The decision policy of this route.
     pub fn policy(&self) -> ClaimPolicy {
-        ClaimPolicy { on_unknown: self.on_unknown, on_change: crate::core::OnChange::Reject }
+        ClaimPolicy {
+            on_unknown: self.on_unknown,
+            on_change: crate::core::OnChange::Reject,
+            replays: crate::core::Replays::Count,
+        }
     }
 
     /// True when this route protects the request.

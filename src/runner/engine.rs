@@ -50,7 +50,7 @@ use super::template::Context;
 use crate::core::units::millis;
 use crate::core::{
     ClaimPolicy, Decision, ExecuteReason, Fingerprint, Intent, LeaseToken, Millis, OnChange, OnUnknown, Outcome,
-    Record, RecordId, decide,
+    Record, RecordId, Replays, decide,
 };
 use crate::store::{self, Claim, Store, now_millis, owner};
 
@@ -501,6 +501,8 @@ fn policy(step: &Step) -> ClaimPolicy {
     ClaimPolicy {
         on_unknown: if unknown_is_safe(step) { OnUnknown::Retry } else { OnUnknown::Review },
         on_change: if step.resend_on_change { OnChange::Resend } else { OnChange::Reject },
+        // A re-run reads its ledger: skipping a step already sent writes nothing.
+        replays: Replays::Ignore,
     }
 }
 

@@ -66,8 +66,16 @@ fn response(status: u16, body: &'static str) -> StoredResponse {
     }
 }
 
-const REVIEW: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Review, on_change: crate::core::OnChange::Reject };
-const RETRY: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Retry, on_change: crate::core::OnChange::Reject };
+const REVIEW: ClaimPolicy = ClaimPolicy {
+    on_unknown: OnUnknown::Review,
+    on_change: crate::core::OnChange::Reject,
+    replays: crate::core::Replays::Count,
+};
+const RETRY: ClaimPolicy = ClaimPolicy {
+    on_unknown: OnUnknown::Retry,
+    on_change: crate::core::OnChange::Reject,
+    replays: crate::core::Replays::Count,
+};
 
 /// Claims and completes `key`, returning nothing; panics when the store disagrees.
 async fn complete(store: &dyn Store, key: &str, now: i64) {
@@ -379,7 +387,11 @@ pub async fn changed_payload_is_resent_when_allowed(store: Arc<dyn Store>) {
 /// over from a failed or abandoned claim, never from a live lease, and the last completed
 /// answer stays on the record through it all.
 pub async fn a_new_version_supersedes_any_state_but_a_live_lease(store: Arc<dyn Store>) {
-    let supersede = ClaimPolicy { on_unknown: OnUnknown::Retry, on_change: crate::core::OnChange::Supersede };
+    let supersede = ClaimPolicy {
+        on_unknown: OnUnknown::Retry,
+        on_change: crate::core::OnChange::Supersede,
+        replays: crate::core::Replays::Count,
+    };
     complete(store.as_ref(), "o", T0).await;
     let v2 = store.claim(&intent("o", 2, T0 + 1), supersede).await.unwrap();
     assert_eq!(v2.decision, Decision::Execute(ExecuteReason::Changed));

@@ -57,7 +57,7 @@ impl Store for MemoryStore {
         let existing = records.get(&intent.id);
         let decision = decide(existing, intent, policy);
         let token = decision.executes().then(new_token);
-        let record = match transition(decision, existing, intent, token.unwrap_or(0)) {
+        let record = match transition(decision, existing, intent, token.unwrap_or(0), policy) {
             Transition::None => existing.cloned(),
             Transition::Touch(record) | Transition::Write(record) => {
                 records.insert(record.id.clone(), record.clone());

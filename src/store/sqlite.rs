@@ -421,7 +421,7 @@ impl Store for SqliteStore {
         // than paying a hand-off to the blocking pool on every request.
         let existing = self.readers.with(|conn| load(conn, &intent.id))?;
         let decision = decide(existing.as_ref(), intent, policy);
-        match transition(decision, existing.as_ref(), intent, 0) {
+        match transition(decision, existing.as_ref(), intent, 0, policy) {
             Transition::None => {
                 return Ok(Claim { decision, record: existing, token: None });
             }
@@ -437,7 +437,7 @@ impl Store for SqliteStore {
             let existing = load(conn, &intent.id)?;
             let decision = decide(existing.as_ref(), &intent, policy);
             let token = decision.executes().then(new_token);
-            let record = match transition(decision, existing.as_ref(), &intent, token.unwrap_or(0)) {
+            let record = match transition(decision, existing.as_ref(), &intent, token.unwrap_or(0), policy) {
                 Transition::None => existing,
                 Transition::Touch(record) | Transition::Write(record) => {
                     save(conn, &record)?;

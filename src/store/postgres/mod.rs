@@ -312,7 +312,7 @@ impl PostgresStore {
         let token = new_token();
         let absent = decide(None, intent, policy);
         // The row the key's absence calls for, proposed by the insert of every attempt.
-        let proposal = match transition(absent, None, intent, token) {
+        let proposal = match transition(absent, None, intent, token, policy) {
             Transition::Write(record) => Some(record),
             Transition::None | Transition::Touch(_) => None,
         };
@@ -355,7 +355,7 @@ impl PostgresStore {
         existing: Record,
     ) -> Result<Option<Claim>, Error> {
         let decision = decide(Some(&existing), intent, policy);
-        match transition(decision, Some(&existing), intent, token) {
+        match transition(decision, Some(&existing), intent, token, policy) {
             Transition::None => Ok(Some(Claim { decision, record: Some(existing), token: None })),
             Transition::Touch(record) => {
                 self.touches.add(record.id.clone(), intent.now);

@@ -162,7 +162,11 @@ fn intent(key: &str, now: Millis) -> Intent {
     }
 }
 
-const REVIEW: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Review, on_change: crate::core::OnChange::Reject };
+const REVIEW: ClaimPolicy = ClaimPolicy {
+    on_unknown: OnUnknown::Review,
+    on_change: crate::core::OnChange::Reject,
+    replays: crate::core::Replays::Count,
+};
 
 #[tokio::test]
 async fn newer_schema_is_refused_untouched() {

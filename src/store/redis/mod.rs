@@ -397,7 +397,7 @@ impl Store for RedisStore {
         // row and sent along, so that a new key takes a single round trip.
         let fresh_token = new_token();
         let fresh_decision = decide(None, intent, policy);
-        let fresh = match transition(fresh_decision, None, intent, fresh_token) {
+        let fresh = match transition(fresh_decision, None, intent, fresh_token, policy) {
             Transition::Write(record) => Some(record),
             Transition::None | Transition::Touch(_) => None,
         };
@@ -421,7 +421,7 @@ impl Store for RedisStore {
             let existing = Some(&stored.record);
             let decision = decide(existing, intent, policy);
             let token = decision.executes().then(new_token);
-            let record = match transition(decision, existing, intent, token.unwrap_or(0)) {
+            let record = match transition(decision, existing, intent, token.unwrap_or(0), policy) {
                 Transition::None => stored.record,
                 Transition::Touch(record) => {
                     self.touches.add(record.id.clone(), intent.now);

@@ -14,7 +14,11 @@ use crate::store::{ListQuery, now_millis};
 
 crate::conformance_tests!({ fresh_store().await });
 
-const REVIEW: ClaimPolicy = ClaimPolicy { on_unknown: OnUnknown::Review, on_change: crate::core::OnChange::Reject };
+const REVIEW: ClaimPolicy = ClaimPolicy {
+    on_unknown: OnUnknown::Review,
+    on_change: crate::core::OnChange::Reject,
+    replays: crate::core::Replays::Count,
+};
 
 fn base_url() -> String {
     std::env::var("IDEM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

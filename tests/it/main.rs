@@ -5,6 +5,7 @@
 mod admin;
 mod bad_input;
 mod consumer;
+mod crash;
 mod decision;
 mod durability;
 mod failures;

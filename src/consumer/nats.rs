@@ -144,8 +144,11 @@ struct Settled(jetstream::Message);
 
 #[async_trait::async_trait]
 impl Settle for Settled {
+    /// Confirmed by the server: a plain ack is a message that the client may not have sent
+    /// yet when the process stops, and the message would then come back (harmlessly, as a
+    /// duplicate, but needlessly).
     async fn ack(self: Box<Self>) -> Result<(), String> {
-        self.0.ack().await.map_err(|e| e.to_string())
+        self.0.double_ack().await.map_err(|e| e.to_string())
     }
 
     async fn retry(self: Box<Self>, after: Duration) -> Result<(), String> {

@@ -31,7 +31,7 @@
 //!   attempt keeps the record's previous answer, see `Outcome::replaces_response`), so a
 //!   later run still sends the update to the known id, never a second create.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,6 +121,17 @@ pub async fn execute(flow: Flow, options: &Options, stop: impl Future<Output = (
     }
 }
 
+/// Source items read ahead and checked against the ledger in one store read.
+const BATCH: usize = 1024;
+
+/// A source item after [`Engine::triage`].
+enum Triage {
+    /// Nothing to send: its report.
+    Done(RecordReport),
+    /// Its steps must run.
+    Todo(SourceRecord),
+}
+
 /// How the idempotency key a step sends is formed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Keys {
@@ -197,18 +208,32 @@ impl Engine {
     }
 
     /// Keeps `concurrency` records in flight; the source is read as records finish, so
-    /// memory stays flat however long it is.
+    /// memory stays flat however long it is. Records are read in batches and checked
+    /// against the ledger first ([`Engine::triage`]): a record whose steps were all sent
+    /// before is counted at once, without a task or a claim.
     async fn drive(
         self: Arc<Self>,
-        mut records: mpsc::Receiver<Item>,
+        records: mpsc::Receiver<Item>,
         mut report: Option<ReportFile>,
         stop: impl Future<Output = ()>,
     ) -> std::io::Result<Summary> {
         let bar = output::progress();
         let mut summary = Summary::default();
         let mut running: JoinSet<RecordReport> = JoinSet::new();
+        // Records of the last batch that need their steps run, waiting for a free slot.
+        let mut waiting: VecDeque<SourceRecord> = VecDeque::new();
         let mut stop = std::pin::pin!(stop);
+        let mut source_done = false;
+        let mut triaged = self.triage_ahead(records);
         loop {
+            while running.len() < self.flow.concurrency {
+                let Some(record) = waiting.pop_front() else { break };
+                let engine = self.clone();
+                running.spawn(async move { engine.process(record).await });
+            }
+            if source_done && waiting.is_empty() {
+                break;
+            }
             tokio::select! {
                 biased;
                 () = &mut stop => {
@@ -216,16 +241,13 @@ impl Engine {
                     bar.suspend(|| eprintln!("idem: stopping: finishing the records in flight; run again to resume"));
                     break;
                 }
-                Some(done) = running.join_next(), if running.len() >= self.flow.concurrency => {
+                Some(done) = running.join_next(), if running.len() >= self.flow.concurrency || source_done => {
                     record_done(done, &mut summary, &mut report, &bar)?;
                 }
-                item = records.recv(), if running.len() < self.flow.concurrency => match item {
-                    None => break,
-                    Some(Ok(record)) => {
-                        let engine = self.clone();
-                        running.spawn(async move { engine.process(record).await });
-                    }
-                    Some(Err(bad)) => record_done(Ok(bad_line(bad)), &mut summary, &mut report, &bar)?,
+                item = triaged.recv(), if waiting.is_empty() && !source_done => match item {
+                    None => source_done = true,
+                    Some(Triage::Done(done)) => record_done(Ok(done), &mut summary, &mut report, &bar)?,
+                    Some(Triage::Todo(record)) => waiting.push_back(record),
                 },
             }
         }
@@ -237,6 +259,115 @@ impl Engine {
             report.finish()?;
         }
         Ok(summary)
+    }
+
+    /// Reads the source in batches and triages them, two batches at a time (one waits on
+    /// the store while the other is checked), ahead of the records in flight.
+    fn triage_ahead(self: &Arc<Self>, records: mpsc::Receiver<Item>) -> mpsc::Receiver<Triage> {
+        let (triaged, receiver) = mpsc::channel(BATCH);
+        let records = Arc::new(tokio::sync::Mutex::new(records));
+        for _ in 0..2 {
+            let (engine, records, triaged) = (self.clone(), records.clone(), triaged.clone());
+            tokio::spawn(async move {
+                loop {
+                    let batch = {
+                        let mut records = records.lock().await;
+                        let Some(first) = records.recv().await else { return };
+                        let mut batch = vec![first];
+                        while batch.len() < BATCH {
+                            match records.try_recv() {
+                                Ok(item) => batch.push(item),
+                                Err(_) => break,
+                            }
+                        }
+                        batch
+                    };
+                    for item in engine.triage(batch).await {
+                        if triaged.send(item).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        receiver
+    }
+
+    /// Sorts a batch of source items: lines that are not records and records whose every
+    /// step the ledger shows as sent (the decision is a replay, which writes nothing) are
+    /// done; the others are to run. One store read for the whole batch.
+    async fn triage(&self, batch: Vec<Item>) -> Vec<Triage> {
+        let mut keyed: Vec<(SourceRecord, String)> = Vec::with_capacity(batch.len());
+        let mut triaged: Vec<Triage> = Vec::with_capacity(batch.len());
+        for item in batch {
+            match item {
+                Err(bad) => triaged.push(Triage::Done(bad_line(bad))),
+                Ok(record) => match source::primary_key(&record.fields, &self.flow.source.primary_key) {
+                    Ok(key) => keyed.push((record, key)),
+                    Err(_) => triaged.push(Triage::Todo(record)),
+                },
+            }
+        }
+        if self.dry_run || keyed.is_empty() {
+            triaged.extend(keyed.into_iter().map(|(record, _)| Triage::Todo(record)));
+            return triaged;
+        }
+        let steps = &self.flow.steps;
+        let ids: Vec<RecordId> = keyed
+            .iter()
+            .flat_map(|(_, key)| steps.iter().map(|step| RecordId::new(self.flow.scope(&step.name), "", key.as_str())))
+            .collect();
+        let Ok(ledger) = self.store.get_many(&ids).await else {
+            // The steps' own claims will retry the store and report it.
+            triaged.extend(keyed.into_iter().map(|(record, _)| Triage::Todo(record)));
+            return triaged;
+        };
+        for ((record, key), entries) in keyed.into_iter().zip(ledger.chunks(steps.len())) {
+            match self.all_sent(&record.fields, &key, entries) {
+                Some(steps) => {
+                    triaged.push(Triage::Done(RecordReport { line: record.line, key: Some(key), steps, error: None }))
+                }
+                None => triaged.push(Triage::Todo(record)),
+            }
+        }
+        triaged
+    }
+
+    /// The steps' reports when the ledger says every step of the record was sent, with
+    /// this very request: the same decision as a claim's (`decide` says `Replay`).
+    fn all_sent(&self, fields: &Map<String, Value>, pk: &str, entries: &[Option<Record>]) -> Option<Vec<StepReport>> {
+        let mut captures: HashMap<String, Map<String, Value>> = HashMap::new();
+        let mut reports = Vec::with_capacity(entries.len());
+        let now = now_millis();
+        for (step, existing) in self.flow.steps.iter().zip(entries) {
+            let existing = existing.as_ref()?;
+            let stem = self.stem(&step.name, pk);
+            let ctx = Context { record: fields, steps: &captures, key: &stem };
+            let base = call::render(step, Variant::Create, &ctx).ok()?;
+            let intent = Intent {
+                id: existing.id.clone(),
+                fingerprint: call::fingerprint(step.key_strategy, pk, &base),
+                now,
+                ttl_ms: 0,
+                lease_ms: 0,
+                correlation_id: None,
+            };
+            if decide(Some(existing), &intent, policy(step)) != Decision::Replay {
+                return None;
+            }
+            let stored = call::stored_captures(existing.response.as_ref());
+            captures.insert(step.name.clone(), stored.clone());
+            reports.push(StepReport { captures: stored, ..StepReport::new(&step.name, StepResult::AlreadySent) });
+        }
+        Some(reports)
+    }
+
+    /// `{{key}}` of a step: the idempotency key without the fingerprint suffix.
+    fn stem(&self, step: &str, pk: &str) -> String {
+        match self.keys {
+            Keys::Flow => call::key_stem(&self.flow.name, step, pk),
+            Keys::MessageId => call::message_key(pk),
+        }
     }
 
     /// Runs a record's steps in order; a step that does not complete holds back the rest.
@@ -279,10 +410,7 @@ impl Engine {
         captures: &HashMap<String, Map<String, Value>>,
         pending: bool,
     ) -> StepReport {
-        let stem = match self.keys {
-            Keys::Flow => call::key_stem(&self.flow.name, &step.name, pk),
-            Keys::MessageId => call::message_key(pk),
-        };
+        let stem = self.stem(&step.name, pk);
         let ctx = Context { record: fields, steps: captures, key: &stem };
         let base = match call::render(step, Variant::Create, &ctx) {
             Ok(call) => call,
@@ -665,6 +793,53 @@ mod tests {
         assert_eq!(changed("url = \"http://h/x\""), OnChange::Reject);
         let resend = "url = \"http://h/x\"\nkey_strategy = \"primary_key_hash\"\nresend_on_change = true";
         assert_eq!(changed(resend), OnChange::Resend);
+    }
+
+    /// A record whose steps the ledger shows as sent (a later step's request built from an
+    /// earlier step's capture) is done without a claim; a changed one is to run.
+    #[tokio::test]
+    async fn triage_settles_records_sent_before_in_one_read() {
+        let text = "flow = \"f\"\n[source]\njsonl = \"x\"\nprimary_key = [\"id\"]\n\
+                    [[steps]]\nname = \"a\"\nurl = \"http://h/a\"\ncapture = { ref = \"/id\" }\n\
+                    [[steps]]\nname = \"b\"\nurl = \"http://h/b/{{steps.a.ref}}\"\nkey_strategy = \"primary_key_hash\"\n";
+        let flow = flow::parse(text).expect("a valid flow");
+        let store: Arc<dyn Store> = Arc::new(crate::store::memory::MemoryStore::default());
+        let engine = Engine::new(flow, store.clone(), false, Keys::Flow, Attempts::PerRun).expect("an engine");
+        let fields = |id: &str, n: i64| {
+            let Value::Object(map) = serde_json::json!({ "id": id, "n": n }) else { unreachable!() };
+            map
+        };
+        // What a run that sent record "r1" left in the ledger.
+        let mut captures = HashMap::new();
+        for (step, answer) in engine.flow.steps.iter().zip([r#"{"captures":{"ref":"x-1"}}"#, r#"{"captures":{}}"#]) {
+            let stem = engine.stem(&step.name, "r1");
+            let ctx = Context { record: &fields("r1", 1), steps: &captures, key: &stem };
+            let call = call::render(step, Variant::Create, &ctx).expect("renders");
+            let unit = Unit {
+                step,
+                fields: &fields("r1", 1),
+                captures: &captures,
+                id: RecordId::new(engine.flow.scope(&step.name), "", "r1"),
+                fingerprint: call::fingerprint(step.key_strategy, "r1", &call),
+                stem: stem.clone(),
+                key: stem.clone(),
+                base: call,
+            };
+            let claim = store.claim(&engine.intent(&unit), policy(step)).await.expect("claims");
+            let response =
+                crate::core::StoredResponse { status: 201, headers: vec![], body: answer.into(), retained: true };
+            let token = claim.token.expect("a lease");
+            assert!(store.finish(&unit.id, token, Outcome::Completed(response), now_millis()).await.expect("finishes"));
+            let stored = store.get(&unit.id).await.expect("reads").and_then(|r| r.response);
+            captures.insert(step.name.clone(), call::stored_captures(stored.as_ref()));
+        }
+        let item = |id: &str, n: i64| Ok(SourceRecord { line: 1, fields: fields(id, n) });
+        let triaged = engine.triage(vec![item("r1", 1), item("r1", 2), item("r2", 1)]).await;
+        let Triage::Done(done) = &triaged[0] else { panic!("r1 was sent") };
+        assert!(done.steps.iter().all(|s| s.result == StepResult::AlreadySent), "{done:?}");
+        assert_eq!(done.steps[0].captures["ref"], "x-1");
+        assert!(matches!(&triaged[1], Triage::Todo(_)), "the same key with other data: its claim decides");
+        assert!(matches!(&triaged[2], Triage::Todo(_)), "never sent");
     }
 
     #[test]

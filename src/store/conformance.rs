@@ -25,7 +25,7 @@ macro_rules! conformance_tests {
             purge_removes_only_expired, unretained_response_is_gone, list_pages_newest_first,
             delete_forgets, resolve_settles_unknown, stats_count_by_scope_and_status,
             tenants_never_meet, responses_round_trip_exactly, changed_payload_is_resent_when_allowed,
-            a_new_version_supersedes_any_state_but_a_live_lease);
+            a_new_version_supersedes_any_state_but_a_live_lease, get_many_reads_in_order);
     };
     (@each $make:expr; $($case:ident),*) => {
         $(
@@ -410,4 +410,16 @@ pub async fn a_new_version_supersedes_any_state_but_a_live_lease(store: Arc<dyn 
     assert!(
         !store.finish(&id, v3.token.unwrap(), Outcome::Completed(response(200, "v3")), T0 + 6 + LEASE).await.unwrap()
     );
+}
+
+/// `get_many` answers in the order asked, with `None` for what is absent.
+pub async fn get_many_reads_in_order(store: Arc<dyn Store>) {
+    complete(store.as_ref(), "a", T0).await;
+    complete(store.as_ref(), "c", T0).await;
+    let ids: Vec<RecordId> = ["c", "b", "a"].iter().map(|k| RecordId::new("orders", "t1", *k)).collect();
+    let records = store.get_many(&ids).await.unwrap();
+    let keys: Vec<Option<&str>> = records.iter().map(|r| r.as_ref().map(|r| r.id.key.as_str())).collect();
+    assert_eq!(keys, [Some("c"), None, Some("a")]);
+    assert_eq!(records[0].as_ref().unwrap().response, Some(response(201, "{}")));
+    assert!(store.get_many(&[]).await.unwrap().is_empty());
 }

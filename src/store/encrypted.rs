@@ -205,6 +205,14 @@ impl Store for EncryptedStore {
         Ok(record)
     }
 
+    async fn get_many(&self, ids: &[RecordId]) -> Result<Vec<Option<Record>>, Error> {
+        let mut records = self.inner.get_many(ids).await?;
+        for record in records.iter_mut().flatten() {
+            self.open_record(record)?;
+        }
+        Ok(records)
+    }
+
     async fn list(&self, query: &ListQuery) -> Result<Page, Error> {
         let mut page = self.inner.list(query).await?;
         for record in &mut page.records {

@@ -169,6 +169,16 @@ pub trait Store: Send + Sync + 'static {
     /// One record.
     async fn get(&self, id: &RecordId) -> Result<Option<Record>, Error>;
 
+    /// Several records, in the order of `ids` (a runner checking a batch of records against
+    /// its ledger). A backend with a cheaper way than one `get` after another overrides it.
+    async fn get_many(&self, ids: &[RecordId]) -> Result<Vec<Option<Record>>, Error> {
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            records.push(self.get(id).await?);
+        }
+        Ok(records)
+    }
+
     /// Records, newest first.
     async fn list(&self, query: &ListQuery) -> Result<Page, Error>;
 

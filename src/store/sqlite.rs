@@ -473,6 +473,24 @@ impl Store for SqliteStore {
         self.read(move |conn| load(conn, &id)).await
     }
 
+    /// One read transaction for the batch: one shared lock, one snapshot.
+    async fn get_many(&self, ids: &[RecordId]) -> Result<Vec<Option<Record>>, Error> {
+        let ids = ids.to_vec();
+        self.read(move |conn| {
+            let snapshot = conn.unchecked_transaction().map_err(unavailable)?;
+            // In index order: neighbouring look-ups walk the same pages.
+            let mut order: Vec<usize> = (0..ids.len()).collect();
+            order.sort_unstable_by(|a, b| ids[*a].cmp(&ids[*b]));
+            let mut records = vec![None; ids.len()];
+            for i in order {
+                records[i] = load(&snapshot, &ids[i])?;
+            }
+            snapshot.finish().map_err(unavailable)?;
+            Ok(records)
+        })
+        .await
+    }
+
     async fn list(&self, query: &ListQuery) -> Result<Page, Error> {
         let query = query.clone();
         self.read(move |conn| list(conn, &query)).await

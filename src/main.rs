@@ -80,8 +80,10 @@ fn main() -> ExitCode {
             Ok(code) => ExitCode::from(code),
             Err(e) => failure(&e),
         },
-        Command::Run(args) => ExitCode::from(runtime.block_on(idem::runner::run(args, shutdown_signal()))),
-        Command::Consume(args) => ExitCode::from(runtime.block_on(idem::consumer::run(args, shutdown_signal()))),
+        // On a worker thread, not the main one: the loops that spawn a task per record or
+        // message then hand it to a worker without waking another thread each time.
+        Command::Run(args) => on_a_worker(&runtime, idem::runner::run(args, shutdown_signal())),
+        Command::Consume(args) => on_a_worker(&runtime, idem::consumer::run(args, shutdown_signal())),
         Command::DemoUpstream { listen } => runtime.block_on(async {
             match tokio::net::TcpListener::bind(&listen).await {
                 Ok(listener) => {
@@ -101,6 +103,17 @@ fn main() -> ExitCode {
                 }
             }
         }),
+    }
+}
+
+/// Runs a command's future as a task of the runtime and maps its exit status.
+fn on_a_worker(runtime: &tokio::runtime::Runtime, command: impl Future<Output = u8> + Send + 'static) -> ExitCode {
+    match runtime.block_on(runtime.spawn(command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("idem: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -98,7 +98,16 @@ async fn consume(
     let lag = report_lag(consumer.clone(), subscriber.to_owned());
     let _lag = scopeguard(lag);
     while let Some(message) = pulled.next().await {
-        let message = message.map_err(|e| format!("pulling from {}: {e}", source.durable))?;
+        let message = match message {
+            Ok(message) => message,
+            // A heartbeat that came late (a busy machine) is not a broken subscription: the
+            // library goes on pulling.
+            Err(e) if e.kind() == consumer::pull::MessagesErrorKind::MissingHeartbeat => {
+                tracing::debug!(durable = %source.durable, "a JetStream heartbeat came late");
+                continue;
+            }
+            Err(e) => return Err(format!("pulling from {}: {e}", source.durable)),
+        };
         let deliveries = message.info().map(|info| u64::try_from(info.delivered).unwrap_or(1)).unwrap_or(1);
         let header_id = message
             .headers

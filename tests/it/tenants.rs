@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::support::{Gateway, Upstream, client, send};
+use crate::support::{Gateway, Upstream, client, idem_log, send};
 
 #[tokio::test]
 async fn tenants_named_by_a_header_never_share_records() {
@@ -101,4 +101,54 @@ async fn tenants_named_by_their_credential_never_share_records() {
     assert_eq!(tenants[0], "", "no credential: the empty tenant");
     assert!(tenants[1].starts_with("h:") && tenants[2].starts_with("h:"), "{tenants:?}");
     assert_ne!(tenants[1], tenants[2]);
+}
+
+/// Isolation holds on every path that names a record: the admin API and `idem log` reach a
+/// tenant's record only with its tenant, and forgetting one tenant's record leaves the
+/// other's answer in place (it still replays).
+#[tokio::test]
+async fn the_admin_api_and_idem_log_keep_tenants_apart() {
+    let upstream = Upstream::start().await;
+    let config = "[[routes]]\nname = \"orders\"\npath = \"/orders\"\ntenant = { header = \"X-Tenant-ID\" }\n";
+    let gateway = Gateway::start(&upstream.url(), config).await;
+    let http = client();
+    let post = |tenant: &str| {
+        http.post(gateway.url("/orders"))
+            .header("Idempotency-Key", "k-1")
+            .header("X-Tenant-ID", tenant)
+            .json(&json!({ "tenant": tenant }))
+    };
+    let acme = send(post("acme")).await;
+    let globex = send(post("globex")).await;
+    assert_eq!((acme.status, globex.status), (201, 201));
+
+    // Admin API: listing by tenant, showing without the tenant, forgetting one tenant's.
+    let listed = send(http.get(gateway.admin("/v1/records?scope=orders&tenant=acme"))).await.json();
+    let tenants: Vec<&str> =
+        listed["records"].as_array().expect("records").iter().filter_map(|r| r["tenant"].as_str()).collect();
+    assert_eq!(tenants, ["acme"], "{listed}");
+    let no_tenant = send(http.get(gateway.admin("/v1/records/orders/k-1"))).await;
+    assert_eq!(no_tenant.status, 404, "no tenant is the empty tenant, which has no k-1: {no_tenant:?}");
+    let shown = send(http.get(gateway.admin("/v1/records/orders/k-1?tenant=globex"))).await.json();
+    assert_eq!(shown["tenant"], "globex");
+    assert!(!shown.to_string().contains("acme"), "globex's record says nothing of acme's: {shown}");
+    let forgotten = send(http.delete(gateway.admin("/v1/records/orders/k-1?tenant=globex"))).await;
+    assert_eq!(forgotten.status, 204, "{forgotten:?}");
+    let acme_again = send(post("acme")).await;
+    assert!(acme_again.replayed(), "acme's record is untouched: {acme_again:?}");
+    assert_eq!(acme_again.body, acme.body);
+
+    // idem log: the same rules on the store file.
+    let store = gateway.store_url().to_owned();
+    let shown = idem_log(&store, &["show", "--scope", "orders", "--key", "k-1", "--json"]);
+    assert_eq!(shown.code, Some(1), "no tenant given: not found: {shown:?}");
+    let shown = idem_log(&store, &["show", "--scope", "orders", "--key", "k-1", "--tenant", "acme", "--json"]);
+    assert_eq!(shown.json()["tenant"], "acme", "{shown:?}");
+    let listed = idem_log(&store, &["list", "--tenant", "globex", "--json"]).json();
+    assert_eq!(listed["records"].as_array().map(Vec::len), Some(0), "globex's record was forgotten: {listed}");
+    let removed = idem_log(&store, &["rm", "--scope", "orders", "--key", "k-1", "--tenant", "globex"]);
+    assert_eq!(removed.code, Some(1), "nothing of globex's is left to remove: {removed:?}");
+    let still = send(post("acme")).await;
+    assert!(still.replayed() && still.body == acme.body, "{still:?}");
+    assert_eq!(upstream.calls_for("k-1").await, 2, "one execution per tenant");
 }

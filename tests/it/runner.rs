@@ -513,6 +513,7 @@ async fn a_destination_that_cannot_be_reached_is_tried_again_by_the_next_run() {
     dir.data(&[r#"{"id": "o-1"}"#]);
     let down = dir.run(&[]);
     assert_eq!((down.code, down.count("retried")), (Some(1), 1), "{down:?}");
+    assert_eq!(down.count("calls sent"), 0, "a connection that could not be made sent nothing: {down:?}");
     assert!(down.stderr.contains("cannot connect"), "{down:?}");
     // Nothing was sent, so even a guard step may be sent by the next run.
     assert_eq!(dir.record("f:export", "o-1")["status"], "failed_retryable");

@@ -33,11 +33,7 @@ pub struct Nats {
 pub async fn feed(source: Nats, subscriber: String, messages: mpsc::Sender<Inbound>, closing: CancellationToken) {
     let mut pause = Duration::from_millis(200);
     loop {
-        let outcome = tokio::select! {
-            outcome = consume(&source, &subscriber, &messages, &mut pause) => outcome,
-            () = closing.cancelled() => return,
-        };
-        match outcome {
+        match consume(&source, &subscriber, &messages, &closing, &mut pause).await {
             Ok(()) => return,
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?pause, "NATS JetStream unavailable; will reconnect");
@@ -56,6 +52,7 @@ async fn consume(
     source: &Nats,
     subscriber: &str,
     messages: &mpsc::Sender<Inbound>,
+    closing: &CancellationToken,
     pause: &mut Duration,
 ) -> Result<(), String> {
     let client = async_nats::ConnectOptions::new()
@@ -63,7 +60,7 @@ async fn consume(
         .connect(source.url.as_str())
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", source.url))?;
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
     let stream = js
         .get_or_create_stream(stream::Config {
             name: source.stream.clone(),
@@ -97,7 +94,17 @@ async fn consume(
     *pause = Duration::from_millis(200);
     let lag = report_lag(consumer.clone(), subscriber.to_owned());
     let _lag = scopeguard(lag);
-    while let Some(message) = pulled.next().await {
+    loop {
+        let message = tokio::select! {
+            message = pulled.next() => message,
+            () = closing.cancelled() => {
+                // The acks of the messages settled before closing are queued in the client:
+                // they leave before the connection closes.
+                let _ = client.flush().await;
+                return Ok(());
+            }
+        };
+        let Some(message) = message else { break };
         let message = match message {
             Ok(message) => message,
             // A heartbeat that came late (a busy machine) is not a broken subscription: the
@@ -153,11 +160,10 @@ struct Settled(jetstream::Message);
 
 #[async_trait::async_trait]
 impl Settle for Settled {
-    /// Confirmed by the server: a plain ack is a message that the client may not have sent
-    /// yet when the process stops, and the message would then come back (harmlessly, as a
-    /// duplicate, but needlessly).
+    /// A plain ack: queued in the client, flushed before a graceful stop closes the
+    /// connection. One lost in a crash brings the message back, and the store recognises it.
     async fn ack(self: Box<Self>) -> Result<(), String> {
-        self.0.double_ack().await.map_err(|e| e.to_string())
+        self.0.ack().await.map_err(|e| e.to_string())
     }
 
     async fn retry(self: Box<Self>, after: Duration) -> Result<(), String> {

@@ -122,11 +122,9 @@ SUBSCRIBER=bench
 DURABLE=bench
 TAG="idembench$$" # names of this run's streams and queues start with it
 
-log() { printf '%s\n' "$*" >&2; }
-die() {
-    log "consume.sh: $*"
-    exit 1
-}
+SCRIPT=consume.sh
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 # ---------------------------------------------------------------- inputs and tools
 
@@ -149,138 +147,27 @@ if [[ $PERF == 1 && " $SCENARIOS " != *" $PERF_SCENARIO "* ]]; then
     die "PERF_SCENARIO=$PERF_SCENARIO is not among SCENARIOS"
 fi
 
-find_nginx() {
-    command -v nginx 2>/dev/null || { [[ -x /usr/sbin/nginx ]] && echo /usr/sbin/nginx; } || true
-}
-missing=()
-[[ -n $(find_nginx) ]] || missing+=(nginx)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-if ((${#missing[@]})); then
-    log "installing ${missing[*]} from the distribution's packages"
-    sudo=()
-    if [[ $(id -u) -ne 0 ]]; then
-        command -v sudo >/dev/null 2>&1 || die "need ${missing[*]}; run as root or install them: apt-get install -y ${missing[*]}"
-        sudo=(sudo)
-    fi
-    "${sudo[@]}" apt-get update
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
-fi
+need_packages nginx curl
 NGINX=$(find_nginx)
 [[ -n $NGINX ]] || die "nginx not found after installing it"
 if [[ $PERF == 1 ]]; then command -v perf >/dev/null 2>&1 || die "PERF=1 needs perf"; fi
 
-if [[ -n ${IDEM_BIN:-} || -n ${BARE_BIN:-} ]]; then
-    [[ -x ${IDEM_BIN:-} ]] || die "IDEM_BIN='${IDEM_BIN:-}' is not an executable (set both IDEM_BIN and BARE_BIN)"
-    [[ -x ${BARE_BIN:-} ]] || die "BARE_BIN='${BARE_BIN:-}' is not an executable (set both IDEM_BIN and BARE_BIN)"
-else
-    if [[ $SKIP_BUILD != 1 ]]; then
-        locked=()
-        if git -C "$ROOT" ls-files --error-unmatch Cargo.lock >/dev/null 2>&1; then
-            locked=(--locked)
-        fi
-        log "building: cargo build --release ${locked[*]} --bin idem --example bare_consumer"
-        (cd "$ROOT" && cargo build --release "${locked[@]}" --bin idem --example bare_consumer) >&2
-    fi
-    IDEM_BIN=$ROOT/target/release/idem
-    BARE_BIN=$ROOT/target/release/examples/bare_consumer
-    [[ -x $IDEM_BIN ]] || die "$IDEM_BIN does not exist"
-    [[ -x $BARE_BIN ]] || die "$BARE_BIN does not exist"
-fi
+idem_and_example_bins bare_consumer
 
 # ---------------------------------------------------------------- processes and cleanup
 
-TMP=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/idem-consume-bench.XXXXXX")
-chmod 755 "$TMP" # nginx workers drop privileges when started as root
-PIDS=()
-PID_NAMES=()
-QUEUES=()     # RabbitMQ queues this run declared (deleted on exit)
-USED_NATS=0   # 1 once a stream may exist (those named $TAG* are deleted on exit)
+QUEUES=()   # RabbitMQ queues this run declared (deleted on exit)
+USED_NATS=0 # 1 once a stream may exist (those named $TAG* are deleted on exit)
+make_tmp idem-consume-bench "logs, consumer files and databases"
 
-stop_pid() { # PID NAME: SIGTERM, then SIGKILL after 5 s
-    local pid=$1 name=$2
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "$name (pid $pid) did not stop after SIGTERM; killing it"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? i
-    trap - EXIT INT TERM
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        [[ -n ${PIDS[i]} ]] && stop_pid "${PIDS[i]}" "${PID_NAMES[i]}"
-    done
+# The streams and queues this run created.
+extra_cleanup() {
     if [[ $USED_NATS == 1 ]]; then
         "$BARE_BIN" nats-delete --url "$NATS_URL" --prefix "$TAG" >>"$TMP/cleanup.log" 2>&1 || true
     fi
     if ((${#QUEUES[@]})); then
         "$BARE_BIN" rabbit-delete --url "$RABBITMQ_URL" "${QUEUES[@]}" >>"$TMP/cleanup.log" 2>&1 || true
     fi
-    if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
-        log "logs, consumer files and databases kept in $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_port() { # VAR: a port nothing listens on, outside the usual ephemeral range
-    local p
-    for _ in $(seq 500); do
-        p=$((20000 + RANDOM % 12000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            printf -v "$1" '%s' "$p"
-            return 0
-        fi
-    done
-    die "found no free port"
-}
-
-start() { # NAME CMD...: in the background, output in $TMP/NAME.{out,err}; LAST_PID
-    local name=$1
-    shift
-    "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" </dev/null &
-    LAST_PID=$!
-    PIDS+=("$LAST_PID")
-    PID_NAMES+=("$name")
-}
-
-forget_pid() { # PID: no longer ours to stop
-    local i
-    for i in "${!PIDS[@]}"; do
-        [[ ${PIDS[i]} == "$1" ]] && PIDS[i]=""
-    done
-    return 0
-}
-
-show_logs() {
-    local f
-    for f in "$@"; do
-        [[ -s $f ]] && { log "--- $f (tail)"; tail -n 20 "$f" >&2; }
-    done
-    return 0
-}
-
-wait_port() { # NAME PORT PID
-    local name=$1 port=$2 pid=$3
-    for _ in $(seq 150); do
-        kill -0 "$pid" 2>/dev/null || {
-            show_logs "$TMP/$name.out" "$TMP/$name.err" "$TMP/$name.error.log"
-            die "$name exited during startup"
-        }
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "$name did not listen on 127.0.0.1:$port within 15 s"
 }
 
 # ---------------------------------------------------------------- the endpoint and brokers
@@ -299,45 +186,20 @@ if [[ $TMP_FS == tmpfs || $TMP_FS == ramfs ]]; then
 fi
 log "  idem binary $IDEM_BIN"
 
-free_port ENDPOINT_PORT
-STATUS_PATH=/_bench_status
-sed -e "s#@TMP@#$TMP#g" -e "s#@PORT@#$ENDPOINT_PORT#g" \
-    -e "s#^\( *\)location / {#\1location = $STATUS_PATH { stub_status; }\n\1location / {#" \
-    "$HERE/nginx/upstream.conf.in" >"$TMP/endpoint.conf"
-grep -q '@[A-Z_]*@' "$TMP/endpoint.conf" && die "unrendered placeholder in $TMP/endpoint.conf"
-grep -q stub_status "$TMP/endpoint.conf" || die "could not add the stub_status location to the endpoint config"
-start endpoint "$NGINX" -p "$TMP/" -c "$TMP/endpoint.conf" -e "$TMP/endpoint.error.log"
-ENDPOINT_PID=$LAST_PID
-wait_port endpoint "$ENDPOINT_PORT" "$ENDPOINT_PID"
-ENDPOINT_URL=http://127.0.0.1:$ENDPOINT_PORT$REQ_PATH
-
-# endpoint_requests: the endpoint's request counter, this request included
-endpoint_requests() {
-    curl -sS --max-time 10 "http://127.0.0.1:$ENDPOINT_PORT$STATUS_PATH" | awk 'NR == 3 { print $3 }'
-}
-endpoint_alive() {
-    kill -0 "$ENDPOINT_PID" 2>/dev/null || {
-        show_logs "$TMP/endpoint.err" "$TMP/endpoint.error.log"
-        die "the endpoint nginx died during the benchmark"
-    }
-}
-code=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
-    -H 'Idempotency-Key: check' --data-binary '{"id":"check"}' "$ENDPOINT_URL")
-[[ $code == 201 ]] || die "the endpoint answered $code to a POST, not 201"
-c1=$(endpoint_requests)
-c2=$(endpoint_requests)
-[[ $c1 =~ ^[0-9]+$ && $((c2 - c1)) -eq 1 ]] || die "the endpoint's stub_status counter does not work ($c1, $c2)"
+start_nginx_upstream endpoint /_bench_status
+ENDPOINT_URL=$UPSTREAM_URL$REQ_PATH
+check_counted_upstream "$ENDPOINT_URL" '{"id":"check"}' -H 'Idempotency-Key: check'
 
 for b in "${BROKER_LIST[@]}"; do
     case $b in
     nats)
         USED_NATS=1
         "$BARE_BIN" nats-delete --url "$NATS_URL" --prefix "$TAG" >"$TMP/probe-nats.log" 2>&1 ||
-            { show_logs "$TMP/probe-nats.log"; die "NATS JetStream at $NATS_URL is not reachable"; }
+            { show_files "$TMP/probe-nats.log"; die "NATS JetStream at $NATS_URL is not reachable"; }
         ;;
     rabbitmq)
         "$BARE_BIN" rabbit-delete --url "$RABBITMQ_URL" >"$TMP/probe-rabbitmq.log" 2>&1 ||
-            { show_logs "$TMP/probe-rabbitmq.log"; die "RabbitMQ at $RABBITMQ_URL is not reachable"; }
+            { show_files "$TMP/probe-rabbitmq.log"; die "RabbitMQ at $RABBITMQ_URL is not reachable"; }
         ;;
     esac
 done
@@ -370,11 +232,11 @@ publish() {
     local broker=$1 name=$2 line
     if [[ $broker == nats ]]; then
         "$BARE_BIN" nats-publish --url "$NATS_URL" --stream "$name" --count "$MESSAGES" \
-            >"$TMP/publish.out" 2>"$TMP/publish.err" || { show_logs "$TMP/publish.out" "$TMP/publish.err"; die "publishing to NATS failed"; }
+            >"$TMP/publish.out" 2>"$TMP/publish.err" || { show_files "$TMP/publish.out" "$TMP/publish.err"; die "publishing to NATS failed"; }
     else
         QUEUES+=("$name")
         "$BARE_BIN" rabbit-publish --url "$RABBITMQ_URL" --queue "$name" --count "$MESSAGES" \
-            >"$TMP/publish.out" 2>"$TMP/publish.err" || { show_logs "$TMP/publish.out" "$TMP/publish.err"; die "publishing to RabbitMQ failed"; }
+            >"$TMP/publish.out" 2>"$TMP/publish.err" || { show_files "$TMP/publish.out" "$TMP/publish.err"; die "publishing to RabbitMQ failed"; }
     fi
     line=$(grep '^PUBLISHED ' "$TMP/publish.out")
     PUBRATE[$broker]+="$(field "$line" rate) "
@@ -424,21 +286,21 @@ run_bare() {
     else
         args=(rabbit-consume --url "$RABBITMQ_URL" --queue "$name" "${args[@]}")
     fi
-    before=$(endpoint_requests)
+    before=$(nginx_requests)
     t0=$(now)
     timeout "$TIMEOUT" "$BARE_BIN" "${args[@]}" --count "$MESSAGES" --concurrency "$CONCURRENCY" \
         >"$TMP/bare.out" 2>"$TMP/bare.err" </dev/null || rc=$?
     t1=$(now)
-    after=$(endpoint_requests)
-    endpoint_alive
-    line=$(grep '^BARE ' "$TMP/bare.out") || { show_logs "$TMP/bare.out" "$TMP/bare.err"; die "$broker $scenario round $round: bare_consumer printed no BARE line (exit $rc)"; }
+    after=$(nginx_requests)
+    upstream_alive
+    line=$(grep '^BARE ' "$TMP/bare.out") || { show_files "$TMP/bare.out" "$TMP/bare.err"; die "$broker $scenario round $round: bare_consumer printed no BARE line (exit $rc)"; }
     local problems=() left
     ((rc == 0)) || problems+=("exit status $rc ($line)")
     ((after - before - 1 == expect)) || problems+=("the endpoint received $((after - before - 1)) calls, expected $expect")
     left=$(settled_in_broker "$broker" "$name")
     [[ -z $left ]] || problems+=("left in the broker: $left")
     if ((${#problems[@]})); then
-        show_logs "$TMP/bare.out" "$TMP/bare.err"
+        show_files "$TMP/bare.out" "$TMP/bare.err"
         for p in "${problems[@]}"; do anomaly "$broker $scenario round $round: $p"; done
         exit 3
     fi
@@ -496,7 +358,7 @@ run_idem() {
     idem-memory) store="memory://" ;;
     esac
     write_consumer "$run.toml" "$broker" "$name" "$store"
-    before=$(endpoint_requests)
+    before=$(nginx_requests)
     t0=$(now)
     # Output files of their own per run: an old admin address must never be read.
     local tag=${run##*/}
@@ -506,10 +368,10 @@ run_idem() {
     for _ in $(seq 300); do
         admin=$(sed -n 's#^idem consume '"$SUBSCRIBER"': admin http://##p' "$run.out" 2>/dev/null || true)
         [[ -n $admin ]] && break
-        kill -0 "$pid" 2>/dev/null || { show_logs "$run.out" "$run.err"; die "idem consume exited during startup"; }
+        kill -0 "$pid" 2>/dev/null || { show_files "$run.out" "$run.err"; die "idem consume exited during startup"; }
         sleep 0.05
     done
-    [[ -n $admin ]] || { show_logs "$run.out" "$run.err"; die "idem consume printed no admin address within 15 s"; }
+    [[ -n $admin ]] || { show_files "$run.out" "$run.err"; die "idem consume printed no admin address within 15 s"; }
     local perf_pid=""
     if [[ $perf == perf ]]; then
         # DWARF call graphs: the release build keeps no frame pointers, only line tables.
@@ -540,8 +402,8 @@ run_idem() {
     fi
     wait "$pid" 2>/dev/null || rc=$?
     forget_pid "$pid"
-    after=$(endpoint_requests)
-    endpoint_alive
+    after=$(nginx_requests)
+    upstream_alive
     local problems=() left
     ((wrc == 0)) || problems+=("not every message was settled within ${TIMEOUT}s: $line")
     ((rc == 0)) || problems+=("idem consume exited with $rc after SIGTERM")
@@ -555,7 +417,7 @@ run_idem() {
     left=$(settled_in_broker "$broker" "$name")
     [[ -z $left ]] || problems+=("left in the broker after idem stopped: $left")
     if ((${#problems[@]})); then
-        show_logs "$run.out" "$run.err" "$TMP/watch.out" "$TMP/watch.err"
+        show_files "$run.out" "$run.err" "$TMP/watch.out" "$TMP/watch.err"
         for p in "${problems[@]}"; do anomaly "$broker $scenario round $round: $p"; done
         exit 3
     fi

@@ -98,11 +98,9 @@ EXPECT_STATUS=201
 GOAL_MISS=0.80
 GOAL_REPLAY=1.50
 
-log() { printf '%s\n' "$*" >&2; }
-die() {
-    log "gateway.sh: $*"
-    exit 1
-}
+SCRIPT=gateway.sh
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 # ---------------------------------------------------------------- inputs and tools
 
@@ -121,24 +119,7 @@ for s in "${SCENARIO_LIST[@]}"; do
 done
 wants() { [[ " ${SCENARIO_LIST[*]} " == *" $1 "* ]]; }
 
-find_nginx() {
-    command -v nginx 2>/dev/null || { [[ -x /usr/sbin/nginx ]] && echo /usr/sbin/nginx; } || true
-}
-
-missing=()
-command -v wrk >/dev/null 2>&1 || missing+=(wrk)
-[[ -n $(find_nginx) ]] || missing+=(nginx)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-if ((${#missing[@]})); then
-    log "installing ${missing[*]} from the distribution's packages"
-    sudo=()
-    if [[ $(id -u) -ne 0 ]]; then
-        command -v sudo >/dev/null 2>&1 || die "need ${missing[*]}; run as root or install them: apt-get install -y ${missing[*]}"
-        sudo=(sudo)
-    fi
-    "${sudo[@]}" apt-get update
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
-fi
+need_packages wrk nginx curl
 NGINX=$(find_nginx)
 [[ -n $NGINX ]] || die "nginx not found after installing it"
 command -v wrk >/dev/null 2>&1 || die "wrk not found after installing it"
@@ -149,111 +130,25 @@ elif [[ $SKIP_BUILD == 1 ]]; then
     IDEM_BIN=$ROOT/target/release/idem
     [[ -x $IDEM_BIN ]] || die "SKIP_BUILD=1 but $IDEM_BIN does not exist"
 else
-    locked=()
-    if git -C "$ROOT" ls-files --error-unmatch Cargo.lock >/dev/null 2>&1; then
-        locked=(--locked)
-    fi
-    log "building: cargo build --release ${locked[*]}"
-    (cd "$ROOT" && cargo build --release "${locked[@]}") >&2
+    release_build
     IDEM_BIN=$ROOT/target/release/idem
 fi
 
 # ---------------------------------------------------------------- processes and cleanup
 
-TMP=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/idem-bench.XXXXXX")
-chmod 755 "$TMP" # nginx workers drop privileges when started as root
-PIDS=()
-PID_NAMES=()
+make_tmp idem-bench
 
-cleanup() {
-    local rc=$? i pid
-    trap - EXIT INT TERM
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        kill -TERM "${PIDS[i]}" 2>/dev/null || true
-    done
-    for i in "${!PIDS[@]}"; do
-        pid=${PIDS[i]}
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "${PID_NAMES[i]} (pid $pid) did not stop after SIGTERM; killing it"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        wait "$pid" 2>/dev/null || true
-    done
-    # Records the run left in the shared stores (best effort: needs psql / redis-cli).
-    if [[ -n ${BENCH_ID:-} ]]; then
-        if [[ -n ${URL[gw-postgres]:-} ]] && command -v psql >/dev/null; then
-            psql "${POSTGRES_URL:-postgres://root@127.0.0.1:5432/test}" -q -c "DROP SCHEMA IF EXISTS idem_$BENCH_ID CASCADE" \
-                >/dev/null 2>&1 || true
-        fi
-        if [[ -n ${URL[gw-redis]:-} ]] && command -v redis-cli >/dev/null; then
-            redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379}" --scan --pattern "idem_$BENCH_ID*" 2>/dev/null |
-                xargs -r -d "\n" -n 500 redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379}" del >/dev/null 2>&1 || true
-        fi
+# Records the run left in the shared stores (best effort: needs psql / redis-cli).
+extra_cleanup() {
+    [[ -n ${BENCH_ID:-} ]] || return 0
+    if [[ -n ${URL[gw-postgres]:-} ]] && command -v psql >/dev/null; then
+        psql "${POSTGRES_URL:-postgres://root@127.0.0.1:5432/test}" -q -c "DROP SCHEMA IF EXISTS idem_$BENCH_ID CASCADE" \
+            >/dev/null 2>&1 || true
     fi
-    if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
-        log "logs and databases kept in $TMP"
-    else
-        rm -rf "$TMP"
+    if [[ -n ${URL[gw-redis]:-} ]] && command -v redis-cli >/dev/null; then
+        redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379}" --scan --pattern "idem_$BENCH_ID*" 2>/dev/null |
+            xargs -r -d "\n" -n 500 redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379}" del >/dev/null 2>&1 || true
     fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Ports handed out so far (two servers must not get the same one before either binds).
-TAKEN=" "
-# free_port VAR: a port nothing listens on, outside the usual ephemeral range.
-free_port() {
-    local p
-    for _ in $(seq 500); do
-        p=$((20000 + RANDOM % 12000))
-        [[ $TAKEN == *" $p "* ]] && continue
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            TAKEN+="$p "
-            printf -v "$1" '%s' "$p"
-            return 0
-        fi
-    done
-    die "found no free port"
-}
-
-# start NAME CMD...: runs CMD in the background, output in $TMP/NAME.{out,err}.
-start() {
-    local name=$1
-    shift
-    "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" </dev/null &
-    PIDS+=($!)
-    PID_NAMES+=("$name")
-}
-
-show_logs() {
-    local name=$1 f
-    for f in "$TMP/$name.out" "$TMP/$name.err" "$TMP/$name.error.log"; do
-        [[ -s $f ]] && { log "--- $f (tail)"; tail -n 20 "$f" >&2; }
-    done
-    return 0
-}
-
-# wait_port NAME PORT: until something accepts on PORT; fails if NAME's process exits.
-wait_port() {
-    local name=$1 port=$2 pid=${PIDS[${#PIDS[@]} - 1]}
-    for _ in $(seq 150); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            show_logs "$name"
-            die "$name exited during startup"
-        fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    show_logs "$name"
-    die "$name did not listen on 127.0.0.1:$port within 15 s"
 }
 
 all_alive() {
@@ -264,18 +159,6 @@ all_alive() {
             die "${PID_NAMES[i]} (pid ${PIDS[i]}) died during the benchmark"
         fi
     done
-}
-
-render() { # TEMPLATE OUT KEY=VALUE...
-    local template=$1 out=$2 expr=() kv
-    shift 2
-    for kv in "$@"; do
-        expr+=(-e "s#@${kv%%=*}@#${kv#*=}#g")
-    done
-    sed "${expr[@]}" "$template" >"$out"
-    if grep -q '@[A-Z_]*@' "$out"; then
-        die "unrendered placeholder in $out"
-    fi
 }
 
 # ---------------------------------------------------------------- start everything
@@ -296,11 +179,7 @@ if [[ $TMP_FS == tmpfs || $TMP_FS == ramfs ]]; then
 fi
 log "  idem binary $IDEM_BIN"
 
-free_port UPSTREAM_PORT
-render "$HERE/nginx/upstream.conf.in" "$TMP/upstream.conf" "TMP=$TMP" "PORT=$UPSTREAM_PORT"
-start upstream "$NGINX" -p "$TMP/" -c "$TMP/upstream.conf" -e "$TMP/upstream.error.log"
-wait_port upstream "$UPSTREAM_PORT"
-UPSTREAM_URL=http://127.0.0.1:$UPSTREAM_PORT
+start_nginx_upstream
 
 declare -A URL=() ADMIN=()
 URL[upstream]=$UPSTREAM_URL

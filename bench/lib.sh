@@ -1,6 +1,9 @@
 # bench/lib.sh — shell helpers shared by the benchmark scripts: tools, the release build,
 # background processes in a temporary directory and their cleanup, free ports, templates.
 # Source it after setting SCRIPT (the script's name, for messages), ROOT and KEEP_TMP.
+# A script that leaves more than processes behind (a database schema, a broker's queues)
+# defines a function extra_cleanup: cleanup calls it after stopping the processes, before
+# the temporary directory goes.
 
 log() { printf '%s\n' "$*" >&2; }
 die() {
@@ -26,7 +29,7 @@ need_packages() {
     log "installing ${missing[*]} from the distribution's packages"
     local sudo=()
     if [[ $(id -u) -ne 0 ]]; then
-        command -v sudo >/dev/null 2>&1 || die "need ${missing[*]}; run as root or: apt-get install -y ${missing[*]}"
+        command -v sudo >/dev/null 2>&1 || die "need ${missing[*]}; run as root or install them: apt-get install -y ${missing[*]}"
         sudo=(sudo)
     fi
     "${sudo[@]}" apt-get update
@@ -35,19 +38,38 @@ need_packages() {
 
 # release_build CARGO-ARGS...: cargo build --release, --locked when Cargo.lock is tracked.
 release_build() {
-    local locked=()
+    local cmd=(cargo build --release)
     if git -C "$ROOT" ls-files --error-unmatch Cargo.lock >/dev/null 2>&1; then
-        locked=(--locked)
+        cmd+=(--locked)
     fi
-    log "building: cargo build --release ${locked[*]} $*"
-    (cd "$ROOT" && cargo build --release "${locked[@]}" "$@") >&2
+    cmd+=("$@")
+    log "building: ${cmd[*]}"
+    (cd "$ROOT" && "${cmd[@]}") >&2
 }
 
-# make_tmp PREFIX: sets TMP to a new directory, removed on exit with every process started
-# by `start` (kept, logs and all, with KEEP_TMP=1 or when the script fails).
+# idem_and_example_bins EXAMPLE: sets IDEM_BIN and BARE_BIN. Given both in the environment,
+# uses them as they are; given neither, target/release/idem and target/release/examples/
+# EXAMPLE, built first unless SKIP_BUILD=1.
+idem_and_example_bins() {
+    if [[ -n ${IDEM_BIN:-} || -n ${BARE_BIN:-} ]]; then
+        [[ -x ${IDEM_BIN:-} ]] || die "IDEM_BIN='${IDEM_BIN:-}' is not an executable (set both IDEM_BIN and BARE_BIN)"
+        [[ -x ${BARE_BIN:-} ]] || die "BARE_BIN='${BARE_BIN:-}' is not an executable (set both IDEM_BIN and BARE_BIN)"
+        return 0
+    fi
+    [[ ${SKIP_BUILD:-0} == 1 ]] || release_build --bin idem --example "$1"
+    IDEM_BIN=$ROOT/target/release/idem
+    BARE_BIN=$ROOT/target/release/examples/$1
+    [[ -x $IDEM_BIN ]] || die "$IDEM_BIN does not exist"
+    [[ -x $BARE_BIN ]] || die "$BARE_BIN does not exist"
+}
+
+# make_tmp PREFIX [WHAT]: sets TMP to a new directory, removed on exit with every process
+# started by `start` (kept with KEEP_TMP=1 or when the script fails; the message then says
+# "WHAT kept in …", WHAT by default "logs and databases").
 make_tmp() {
     TMP=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/$1.XXXXXX")
     chmod 755 "$TMP" # nginx workers drop privileges when started as root
+    TMP_KEPT=${2:-logs and databases}
     PIDS=()
     PID_NAMES=()
     trap cleanup EXIT
@@ -59,10 +81,11 @@ cleanup() {
     local rc=$? i pid
     trap - EXIT INT TERM
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        kill -TERM "${PIDS[i]}" 2>/dev/null || true
+        [[ -z ${PIDS[i]} ]] || kill -TERM "${PIDS[i]}" 2>/dev/null || true
     done
     for i in "${!PIDS[@]}"; do
         pid=${PIDS[i]}
+        [[ -n $pid ]] || continue
         for _ in $(seq 50); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
@@ -75,7 +98,7 @@ cleanup() {
     done
     if declare -F extra_cleanup >/dev/null; then extra_cleanup || true; fi
     if [[ ${KEEP_TMP:-0} == 1 || $rc -ne 0 ]]; then
-        log "logs and databases kept in $TMP"
+        log "$TMP_KEPT kept in $TMP"
     else
         rm -rf "$TMP"
     fi
@@ -99,21 +122,38 @@ free_port() {
     die "found no free port"
 }
 
-# start NAME CMD...: runs CMD in the background, output in $TMP/NAME.{out,err}.
+# start NAME CMD...: runs CMD in the background, output in $TMP/NAME.{out,err}; its pid in
+# LAST_PID.
 start() {
     local name=$1
     shift
     "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" </dev/null &
-    PIDS+=($!)
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
     PID_NAMES+=("$name")
 }
 
-show_logs() {
-    local name=$1 f
-    for f in "$TMP/$name.out" "$TMP/$name.err" "$TMP/$name.error.log"; do
+# forget_pid PID: a process the script stopped itself, no longer cleanup's to stop.
+forget_pid() {
+    local i
+    for i in "${!PIDS[@]}"; do
+        [[ ${PIDS[i]} == "$1" ]] && PIDS[i]=""
+    done
+    return 0
+}
+
+# show_files FILE...: the tail of each file that is not empty.
+show_files() {
+    local f
+    for f in "$@"; do
         [[ -s $f ]] && { log "--- $f (tail)"; tail -n 20 "$f" >&2; }
     done
     return 0
+}
+
+# show_logs NAME: the tail of the output and error log of the process `start` named NAME.
+show_logs() {
+    show_files "$TMP/$1.out" "$TMP/$1.err" "$TMP/$1.error.log"
 }
 
 # wait_port NAME PORT: until something accepts on PORT; fails if NAME's process exits.
@@ -145,13 +185,50 @@ render() { # TEMPLATE OUT KEY=VALUE...
     fi
 }
 
-# start_nginx_upstream: the fast nginx upstream of bench/nginx/upstream.conf.in; sets
-# UPSTREAM_URL.
+# start_nginx_upstream [NAME [STATUS_PATH]]: the fast nginx upstream of
+# bench/nginx/upstream.conf.in, started as NAME (default upstream; config $TMP/NAME.conf);
+# with STATUS_PATH, a stub_status location there too, for nginx_requests. Sets UPSTREAM_PORT,
+# UPSTREAM_URL, UPSTREAM_NAME and UPSTREAM_PID.
+# shellcheck disable=SC2120 # the arguments are optional
 start_nginx_upstream() {
-    local port
-    free_port port
-    render "$ROOT/bench/nginx/upstream.conf.in" "$TMP/upstream.conf" "TMP=$TMP" "PORT=$port"
-    start upstream "$(find_nginx)" -p "$TMP/" -c "$TMP/upstream.conf" -e "$TMP/upstream.error.log"
-    wait_port upstream "$port"
-    UPSTREAM_URL=http://127.0.0.1:$port
+    UPSTREAM_NAME=${1:-upstream}
+    local status=${2:-} conf=$TMP/${1:-upstream}.conf
+    free_port UPSTREAM_PORT
+    render "$ROOT/bench/nginx/upstream.conf.in" "$conf" "TMP=$TMP" "PORT=$UPSTREAM_PORT"
+    if [[ -n $status ]]; then
+        sed -i "s#^\( *\)location / {#\1location = $status { stub_status; }\n\1location / {#" "$conf"
+        grep -q stub_status "$conf" || die "could not add the stub_status location to the $UPSTREAM_NAME config"
+    fi
+    start "$UPSTREAM_NAME" "$(find_nginx)" -p "$TMP/" -c "$conf" -e "$TMP/$UPSTREAM_NAME.error.log"
+    UPSTREAM_PID=$LAST_PID
+    wait_port "$UPSTREAM_NAME" "$UPSTREAM_PORT"
+    UPSTREAM_URL=http://127.0.0.1:$UPSTREAM_PORT
+    UPSTREAM_STATUS_URL=$UPSTREAM_URL$status
+}
+
+# nginx_requests: the request counter of the upstream started with a STATUS_PATH, this
+# request included.
+nginx_requests() {
+    curl -sS --max-time 10 "$UPSTREAM_STATUS_URL" | awk 'NR == 3 { print $3 }'
+}
+
+# check_counted_upstream URL BODY [CURL-ARG...]: the upstream answers a JSON POST of BODY to
+# URL with 201, and nginx_requests counts one a request.
+check_counted_upstream() {
+    local url=$1 body=$2 code c1 c2
+    shift 2
+    code=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
+        "$@" --data-binary "$body" "$url")
+    [[ $code == 201 ]] || die "the $UPSTREAM_NAME answered $code to a POST, not 201"
+    c1=$(nginx_requests)
+    c2=$(nginx_requests)
+    [[ $c1 =~ ^[0-9]+$ && $((c2 - c1)) -eq 1 ]] || die "the $UPSTREAM_NAME's stub_status counter does not work ($c1, $c2)"
+}
+
+# upstream_alive: fails, with its logs, when the upstream nginx has exited.
+upstream_alive() {
+    kill -0 "$UPSTREAM_PID" 2>/dev/null || {
+        show_logs "$UPSTREAM_NAME"
+        die "the $UPSTREAM_NAME nginx died during the benchmark"
+    }
 }

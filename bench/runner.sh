@@ -96,11 +96,9 @@ REQ_PATH=/v1/orders
 FLOW_NAME=bench
 STEP_NAME=post
 
-log() { printf '%s\n' "$*" >&2; }
-die() {
-    log "runner.sh: $*"
-    exit 1
-}
+SCRIPT=runner.sh
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 # ---------------------------------------------------------------- inputs and tools
 
@@ -113,127 +111,16 @@ for v in SEND_STORE_SYNC RERUN_STORE_SYNC; do
     [[ ${!v} =~ ^(off|normal|full|extra)$ ]] || die "$v must be off, normal, full or extra (got '${!v}')"
 done
 
-find_nginx() {
-    command -v nginx 2>/dev/null || { [[ -x /usr/sbin/nginx ]] && echo /usr/sbin/nginx; } || true
-}
-missing=()
-[[ -n $(find_nginx) ]] || missing+=(nginx)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-if ((${#missing[@]})); then
-    log "installing ${missing[*]} from the distribution's packages"
-    sudo=()
-    if [[ $(id -u) -ne 0 ]]; then
-        command -v sudo >/dev/null 2>&1 || die "need ${missing[*]}; run as root or install them: apt-get install -y ${missing[*]}"
-        sudo=(sudo)
-    fi
-    "${sudo[@]}" apt-get update
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
-fi
+need_packages nginx curl
 NGINX=$(find_nginx)
 [[ -n $NGINX ]] || die "nginx not found after installing it"
 if [[ $PERF == 1 ]]; then command -v perf >/dev/null 2>&1 || die "PERF=1 needs perf"; fi
 
-if [[ -n ${IDEM_BIN:-} || -n ${BARE_BIN:-} ]]; then
-    [[ -x ${IDEM_BIN:-} ]] || die "IDEM_BIN='${IDEM_BIN:-}' is not an executable (set both IDEM_BIN and BARE_BIN)"
-    [[ -x ${BARE_BIN:-} ]] || die "BARE_BIN='${BARE_BIN:-}' is not an executable (set both IDEM_BIN and BARE_BIN)"
-else
-    if [[ $SKIP_BUILD != 1 ]]; then
-        locked=()
-        if git -C "$ROOT" ls-files --error-unmatch Cargo.lock >/dev/null 2>&1; then
-            locked=(--locked)
-        fi
-        log "building: cargo build --release ${locked[*]} --bin idem --example bare_client"
-        (cd "$ROOT" && cargo build --release "${locked[@]}" --bin idem --example bare_client) >&2
-    fi
-    IDEM_BIN=$ROOT/target/release/idem
-    BARE_BIN=$ROOT/target/release/examples/bare_client
-    [[ -x $IDEM_BIN ]] || die "$IDEM_BIN does not exist"
-    [[ -x $BARE_BIN ]] || die "$BARE_BIN does not exist"
-fi
+idem_and_example_bins bare_client
 
 # ---------------------------------------------------------------- processes and cleanup
 
-TMP=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/idem-runner-bench.XXXXXX")
-chmod 755 "$TMP" # nginx workers drop privileges when started as root
-PIDS=()
-PID_NAMES=()
-
-cleanup() {
-    local rc=$? i pid
-    trap - EXIT INT TERM
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        kill -TERM "${PIDS[i]}" 2>/dev/null || true
-    done
-    for i in "${!PIDS[@]}"; do
-        pid=${PIDS[i]}
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "${PID_NAMES[i]} (pid $pid) did not stop after SIGTERM; killing it"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
-        log "logs, records and databases kept in $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_port() { # VAR: a port nothing listens on, outside the usual ephemeral range
-    local p
-    for _ in $(seq 500); do
-        p=$((20000 + RANDOM % 12000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            printf -v "$1" '%s' "$p"
-            return 0
-        fi
-    done
-    die "found no free port"
-}
-
-start() { # NAME CMD...: in the background, output in $TMP/NAME.{out,err}
-    local name=$1
-    shift
-    "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" </dev/null &
-    PIDS+=($!)
-    PID_NAMES+=("$name")
-}
-
-show_logs() {
-    local f
-    for f in "$@"; do
-        [[ -s $f ]] && { log "--- $f (tail)"; tail -n 20 "$f" >&2; }
-    done
-    return 0
-}
-
-wait_port() { # NAME PORT
-    local name=$1 port=$2 pid=${PIDS[${#PIDS[@]} - 1]}
-    for _ in $(seq 150); do
-        kill -0 "$pid" 2>/dev/null || {
-            show_logs "$TMP/$name.out" "$TMP/$name.err" "$TMP/$name.error.log"
-            die "$name exited during startup"
-        }
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "$name did not listen on 127.0.0.1:$port within 15 s"
-}
-
-upstream_alive() {
-    kill -0 "${PIDS[0]}" 2>/dev/null || {
-        show_logs "$TMP/upstream.err" "$TMP/upstream.error.log"
-        die "the upstream nginx died during the benchmark"
-    }
-}
+make_tmp idem-runner-bench "logs, records and databases"
 
 # ---------------------------------------------------------------- the upstream
 
@@ -250,27 +137,8 @@ if [[ $TMP_FS == tmpfs || $TMP_FS == ramfs ]]; then
 fi
 log "  idem binary $IDEM_BIN"
 
-free_port UPSTREAM_PORT
-STATUS_PATH=/_bench_status
-sed -e "s#@TMP@#$TMP#g" -e "s#@PORT@#$UPSTREAM_PORT#g" \
-    -e "s#^\( *\)location / {#\1location = $STATUS_PATH { stub_status; }\n\1location / {#" \
-    "$HERE/nginx/upstream.conf.in" >"$TMP/upstream.conf"
-grep -q '@[A-Z_]*@' "$TMP/upstream.conf" && die "unrendered placeholder in $TMP/upstream.conf"
-grep -q stub_status "$TMP/upstream.conf" || die "could not add the stub_status location to the upstream config"
-start upstream "$NGINX" -p "$TMP/" -c "$TMP/upstream.conf" -e "$TMP/upstream.error.log"
-wait_port upstream "$UPSTREAM_PORT"
-UPSTREAM_URL=http://127.0.0.1:$UPSTREAM_PORT
-
-# upstream_requests: the upstream's request counter, this request included
-upstream_requests() {
-    curl -sS --max-time 10 "$UPSTREAM_URL$STATUS_PATH" | awk 'NR == 3 { print $3 }'
-}
-code=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
-    --data-binary '{"order_id":"check"}' "$UPSTREAM_URL$REQ_PATH")
-[[ $code == 201 ]] || die "the upstream answered $code to a POST, not 201"
-c1=$(upstream_requests)
-c2=$(upstream_requests)
-[[ $c1 =~ ^[0-9]+$ && $((c2 - c1)) -eq 1 ]] || die "the upstream's stub_status counter does not work ($c1, $c2)"
+start_nginx_upstream upstream /_bench_status
+check_counted_upstream "$UPSTREAM_URL$REQ_PATH" '{"order_id":"check"}'
 
 # ---------------------------------------------------------------- the records and the flow
 
@@ -331,7 +199,7 @@ summary_field() { awk -v name="$2" 'index($0, name ": ") == 1 { print substr($0,
 # idem_run NAME FLOW EXPECT_CALLS EXPECT_SKIPPED [perf]: runs the flow, checks it, sets LAST_SECONDS
 idem_run() {
     local name=$1 flow=$2 calls=$3 skipped=$4 perf=${5:-} before after t0 t1 rc=0 got s
-    before=$(upstream_requests)
+    before=$(nginx_requests)
     local cmd=("$IDEM_BIN" run "$flow")
     if [[ $perf == perf ]]; then
         cmd=(perf record -q -F 999 -g -o "$TMP/$name.perf.data" -- "${cmd[@]}")
@@ -339,7 +207,7 @@ idem_run() {
     t0=$(now)
     "${cmd[@]}" >"$TMP/$name.out" 2>"$TMP/$name.err" </dev/null || rc=$?
     t1=$(now)
-    after=$(upstream_requests)
+    after=$(nginx_requests)
     upstream_alive
     LAST_SECONDS=$(elapsed "$t0" "$t1")
     local received=$((after - before - 1))
@@ -352,7 +220,7 @@ idem_run() {
     done
     ((received == calls)) || problems+=("the upstream received $received calls, expected $calls")
     if ((${#problems[@]})); then
-        show_logs "$TMP/$name.out" "$TMP/$name.err"
+        show_files "$TMP/$name.out" "$TMP/$name.err"
         for s in "${problems[@]}"; do anomaly "$name: $s"; done
         return 1
     fi
@@ -379,17 +247,17 @@ for ((round = 1; round <= RUNS; round++)); do
     log "round $round of $RUNS"
 
     # bare client: the same bodies to the same URL
-    before=$(upstream_requests)
+    before=$(nginx_requests)
     t0=$(now)
     rc=0
     "$BARE_BIN" send --file "$TMP/send.jsonl" --url "$UPSTREAM_URL$REQ_PATH" --concurrency "$CONCURRENCY" \
         --key-field order_id --key-prefix "$FLOW_NAME:$STEP_NAME" >"$TMP/bare.out" 2>"$TMP/bare.err" || rc=$?
     t1=$(now)
-    after=$(upstream_requests)
+    after=$(nginx_requests)
     upstream_alive
-    line=$(grep '^BARE ' "$TMP/bare.out") || { show_logs "$TMP/bare.out" "$TMP/bare.err"; die "bare_client printed no BARE line"; }
+    line=$(grep '^BARE ' "$TMP/bare.out") || { show_files "$TMP/bare.out" "$TMP/bare.err"; die "bare_client printed no BARE line"; }
     bare_secs=$(sed -n 's/.* seconds=\([0-9.]*\).*/\1/p' <<<"$line")
-    ((rc == 0)) || { show_logs "$TMP/bare.out" "$TMP/bare.err"; anomaly "bare round $round: exit status $rc ($line)"; exit 3; }
+    ((rc == 0)) || { show_files "$TMP/bare.out" "$TMP/bare.err"; anomaly "bare round $round: exit status $rc ($line)"; exit 3; }
     ((after - before - 1 == SEND_RECORDS)) || { anomaly "bare round $round: the upstream received $((after - before - 1)) calls, expected $SEND_RECORDS"; exit 3; }
     record bare "$round" "$SEND_RECORDS" "$bare_secs" ",\"process_seconds\":$(elapsed "$t0" "$t1")"
 

@@ -10,6 +10,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::capture_connection;
 use tokio_util::task::TaskTracker;
 
 use super::body::{Body, BoxError, ReadError, boxed, full, read_limited};
@@ -278,11 +279,23 @@ impl Gateway {
         forward_key(route, request.headers_mut(), &record.id.key, record.created_at);
         self.upstream.prepare(&mut request, peer);
         let renewal = owner::keep_alive(self.store.clone(), record.id.clone(), token, route.lease);
+        // Whether a connection was ever made for this request: a timeout before that sent
+        // nothing, so the key stays retryable.
+        let connection = capture_connection(&mut request);
         let started = Instant::now();
         let exchange = tokio::time::timeout(route.upstream_timeout, self.exchange(request)).await;
         drop(renewal);
         metrics.upstream_time(started.elapsed());
         let (outcome, response) = match exchange {
+            Err(_) if connection.connection_metadata().is_none() => (
+                Outcome::Retryable {
+                    error: format!(
+                        "no connection to the upstream within upstream_timeout ({:?})",
+                        route.upstream_timeout
+                    ),
+                },
+                Problem::UpstreamUnavailable.response(),
+            ),
             Err(_) => (
                 Outcome::Unknown { error: format!("no answer within upstream_timeout ({:?})", route.upstream_timeout) },
                 Problem::UpstreamTimeout.response(),

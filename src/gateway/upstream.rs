@@ -26,6 +26,18 @@ pub enum UpstreamError {
     Lost(String),
 }
 
+/// A request hyper handed back without writing it (its pooled connection closed first).
+fn never_written(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// The pooled upstream client.
 #[derive(Clone)]
 pub struct Upstream {
@@ -63,7 +75,11 @@ impl Upstream {
     pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
         self.client.request(request).await.map_err(|e| {
             let detail = error_chain(&e);
-            if e.is_connect() { UpstreamError::NotSent(detail) } else { UpstreamError::Lost(detail) }
+            if e.is_connect() || never_written(&e) {
+                UpstreamError::NotSent(detail)
+            } else {
+                UpstreamError::Lost(detail)
+            }
         })
     }
 

@@ -15,6 +15,7 @@ use crate::core::{
 
 pub mod conformance;
 pub mod encrypted;
+pub mod faulty;
 pub mod memory;
 pub mod owner;
 pub mod postgres;

@@ -9,6 +9,7 @@ mod crash;
 mod decision;
 mod durability;
 mod failures;
+mod faults;
 mod keys;
 mod lifecycle;
 mod log_cli;

@@ -97,6 +97,16 @@ pub fn install() -> PrometheusHandle {
             metrics::describe_gauge!(RECORDS, "Records in the store by status");
             metrics::describe_counter!(MESSAGES, "Broker messages by subscriber and decision");
             metrics::describe_gauge!(CONSUMER_LAG, "Messages waiting in the broker for the subscriber");
+            // Histogram samples pile up in the recorder until they are folded into their
+            // buckets, which rendering `/metrics` does; nobody may scrape, so a thread folds
+            // them every few seconds (found by the soak: 17 MB a minute at 6 000 req/s).
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new().name("idem-metrics".into()).spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                }
+            });
             handle
         })
         .clone()

@@ -463,10 +463,10 @@ fn pointer(s: &str) -> Result<(), String> {
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(s) {
+    match crate::core::units::parse_duration(s) {
         Ok(d) if !d.is_zero() => Ok(d),
         Ok(_) => Err("must be longer than zero".into()),
-        Err(e) => Err(format!("{s:?}: {e} (e.g. \"30s\", \"7d\")")),
+        Err(e) => Err(e),
     }
 }
 

@@ -155,7 +155,7 @@ pub fn transition(
     policy: ClaimPolicy,
 ) -> Transition {
     let now = intent.now;
-    let lease = Some(Lease { token, locked_until: now + intent.lease_ms });
+    let lease = Some(Lease { token, locked_until: now.saturating_add(intent.lease_ms) });
     match (decision, existing) {
         (Decision::Execute(ExecuteReason::New | ExecuteReason::Expired), _) | (Decision::Execute(_), None) => {
             Transition::Write(Record {
@@ -166,7 +166,7 @@ pub fn transition(
                 response: None,
                 created_at: now,
                 last_seen_at: now,
-                expires_at: now + intent.ttl_ms,
+                expires_at: now.saturating_add(intent.ttl_ms),
                 replay_count: 0,
                 attempt_count: 1,
                 correlation_id: intent.correlation_id.clone(),
@@ -182,7 +182,7 @@ pub fn transition(
             // already knows (captured external ids); otherwise there is none.
             response: record.response.clone(),
             last_seen_at: now,
-            expires_at: record.expires_at.max(now + intent.ttl_ms),
+            expires_at: record.expires_at.max(now.saturating_add(intent.ttl_ms)),
             attempt_count: record.attempt_count + 1,
             correlation_id: intent.correlation_id.clone(),
             ..record.clone()

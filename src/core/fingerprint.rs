@@ -176,12 +176,22 @@ fn remove_pointer(value: &mut Value, pointer: &str) {
             map.remove(&last);
         }
         Some(Value::Array(items)) => {
-            if let Some(item) = last.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+            if let Some(item) = array_index(&last).and_then(|i| items.get_mut(i)) {
                 *item = Value::Null;
             }
         }
         _ => {}
     }
+}
+
+/// An array index as RFC 6901 writes it: `0`, or digits without a leading zero (never
+/// `+1` nor `01`, which `usize::from_str` would take), as `Value::pointer` reads it.
+fn array_index(token: &str) -> Option<usize> {
+    let digits = !token.is_empty() && token.bytes().all(|b| b.is_ascii_digit());
+    if !digits || (token.len() > 1 && token.starts_with('0')) {
+        return None;
+    }
+    token.parse().ok()
 }
 
 /// A hasher that length-prefixes every part.
@@ -226,6 +236,24 @@ mod tests {
             String::from_utf8(out).unwrap(),
             r#"{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],"string":"€$\u000f\nA'B\"\\\\\"/"}"#
         );
+    }
+
+    #[test]
+    fn exclusions_name_array_elements_as_json_pointers_do() {
+        // Fuzz findings: "/items/+1" and "/items/01" are not indices (RFC 6901), so they
+        // exclude nothing, as `Value::pointer` finds nothing there.
+        for pointer in ["/items/+1", "/items/01"] {
+            let spec = FingerprintSpec { exclude: vec![pointer.into()], ..Default::default() };
+            let a = fp(&spec, Some("application/json"), br#"{"items":[1,2]}"#);
+            let b = fp(&spec, Some("application/json"), br#"{"items":[1,3]}"#);
+            assert_ne!(a, b, "{pointer} excluded an element");
+        }
+        let spec = FingerprintSpec { exclude: vec!["/items/1".into()], ..Default::default() };
+        let a = fp(&spec, Some("application/json"), br#"{"items":[1,2]}"#);
+        assert_eq!(a, fp(&spec, Some("application/json"), br#"{"items":[1,3]}"#));
+        assert_eq!(array_index("0"), Some(0));
+        assert_eq!(array_index("10"), Some(10));
+        assert_eq!(array_index(""), None);
     }
 
     #[test]

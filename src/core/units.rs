@@ -2,10 +2,18 @@
 
 use std::time::Duration;
 
-/// Parses a duration such as `30s`, `24h`, `1h 30m` or `500ms`.
+/// The longest duration a config may give: a hundred years. Record times are milliseconds
+/// since 1970 in an `i64`; a longer TTL would overflow them.
+pub const MAX_DURATION: Duration = Duration::from_secs(3_155_760_000); // 100 × 365.25 days
+
+/// Parses a duration such as `30s`, `24h`, `1h 30m` or `500ms`, at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"30s\", \"24h\""))
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"30s\", \"24h\""))?;
+    if d > MAX_DURATION {
+        return Err(format!("duration {s:?} is longer than 100 years"));
+    }
+    Ok(d)
 }
 
 /// Parses a size such as `1MiB`, `512KiB`, `10MB` or a plain number of bytes.
@@ -46,6 +54,9 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
         assert!(parse_duration("24x").unwrap_err().contains("24x"));
+        assert!(parse_duration("100y").is_ok());
+        assert!(parse_duration("9000y").unwrap_err().contains("longer than 100 years"), "a fuzz finding");
+        assert!(parse_duration("300000000y").is_err(), "a fuzz finding");
     }
 
     #[test]

@@ -78,10 +78,8 @@ fn check_consumer(text: &str) {
         let mut raw: RawConsumer = parse_toml(text).map_err(|e| vec![e])?;
         // `deliver.flow` names a file: only ever the one this target writes, never a path the
         // fuzzer made up (`/dev/zero` would never finish reading).
-        if let Some(deliver) = raw.deliver.as_mut() {
-            if deliver.flow.is_some() {
-                deliver.flow = Some("flow.toml".into());
-            }
+        if let Some(flow) = raw.deliver.as_mut().and_then(|d| d.flow.as_mut()) {
+            *flow = "flow.toml".into();
         }
         raw.validate(flow_dir(), &|_| None).map_err(|e| e.0)
     };

@@ -193,10 +193,9 @@ fn request_builder(message: &Message<'_>) -> Option<impl Fn() -> Request<Body>> 
     uri.path_and_query()?;
     let mut headers = http::HeaderMap::new();
     for (name, value) in &message.headers {
-        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
-            if name != http::header::CONTENT_LENGTH && name != http::header::TRANSFER_ENCODING {
-                headers.append(name, value);
-            }
+        let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) else { continue };
+        if name != http::header::CONTENT_LENGTH && name != http::header::TRANSFER_ENCODING {
+            headers.append(name, value);
         }
     }
     let body = Bytes::copy_from_slice(message.body);

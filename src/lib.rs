@@ -8,6 +8,7 @@
 //! names what is measured; [`demo`] is an upstream to try it against.
 
 pub mod admin;
+pub mod backoff;
 pub mod cli;
 pub mod consumer;
 pub mod core;

@@ -38,12 +38,16 @@ use tokio_util::sync::CancellationToken;
 
 use self::config::{Broker, Consumer, MessageId};
 use self::guard::{Check, VersionGuard};
+use crate::backoff::Backoff;
 use crate::core::units::millis;
 use crate::core::{ClaimPolicy, Decision, Fingerprint, Intent, Outcome, RecordId};
 use crate::runner::engine::{Attempts, Engine, Keys, unknown_is_safe};
 use crate::runner::flow::{Flow, SourceInput, SourceSpec};
 use crate::runner::output::{RecordReport, StepResult};
 use crate::store::{self, Store, now_millis, owner};
+
+/// The pauses between a broker's reconnection attempts.
+const RECONNECT: Backoff = Backoff::doubling(Duration::from_millis(200), Duration::from_secs(30));
 
 /// `idem consume` arguments.
 #[derive(Debug, clap::Args)]

@@ -10,7 +10,9 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::RECONNECT;
 use super::{Inbound, Settle};
+use crate::backoff::Backoff;
 
 /// Where to consume from.
 pub struct Nats {
@@ -31,17 +33,16 @@ pub struct Nats {
 /// Feeds `messages` until `closing`, reconnecting with backoff. Messages taken but not
 /// settled when the source closes are redelivered by the server after `ack_wait`.
 pub async fn feed(source: Nats, subscriber: String, messages: mpsc::Sender<Inbound>, closing: CancellationToken) {
-    let mut pause = Duration::from_millis(200);
+    let mut pause = RECONNECT;
     loop {
         match consume(&source, &subscriber, &messages, &closing, &mut pause).await {
             Ok(()) => return,
             Err(error) => {
-                tracing::warn!(%error, retry_in = ?pause, "NATS JetStream unavailable; will reconnect");
+                tracing::warn!(%error, retry_in = ?pause.peek(), "NATS JetStream unavailable; will reconnect");
                 tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
+                    () = tokio::time::sleep(pause.next_pause()) => {}
                     () = closing.cancelled() => return,
                 }
-                pause = (pause * 2).min(Duration::from_secs(30));
             }
         }
     }
@@ -53,7 +54,7 @@ async fn consume(
     subscriber: &str,
     messages: &mpsc::Sender<Inbound>,
     closing: &CancellationToken,
-    pause: &mut Duration,
+    pause: &mut Backoff,
 ) -> Result<(), String> {
     let client = async_nats::ConnectOptions::new()
         .name(format!("idem consume {subscriber}"))
@@ -91,7 +92,7 @@ async fn consume(
         .await
         .map_err(|e| format!("cannot pull from {}: {e}", source.durable))?;
     tracing::info!(stream = %source.stream, durable = %source.durable, "consuming from NATS JetStream");
-    *pause = Duration::from_millis(200);
+    pause.reset();
     let lag = report_lag(consumer.clone(), subscriber.to_owned());
     let _lag = scopeguard(lag);
     loop {

@@ -13,7 +13,9 @@ use lapin::{Connection, ConnectionProperties};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::RECONNECT;
 use super::{Inbound, Settle};
+use crate::backoff::Backoff;
 
 /// Where to consume from.
 pub struct Rabbit {
@@ -30,17 +32,16 @@ pub struct Rabbit {
 /// Feeds `messages` until `closing`, reconnecting with backoff. When the connection closes,
 /// the broker requeues what was delivered and not acknowledged.
 pub async fn feed(source: Rabbit, subscriber: String, messages: mpsc::Sender<Inbound>, closing: CancellationToken) {
-    let mut pause = Duration::from_millis(200);
+    let mut pause = RECONNECT;
     loop {
         let connection = match connect(&source.url).await {
             Ok(connection) => connection,
             Err(error) => {
-                tracing::warn!(%error, retry_in = ?pause, "RabbitMQ unavailable; will reconnect");
+                tracing::warn!(%error, retry_in = ?pause.peek(), "RabbitMQ unavailable; will reconnect");
                 tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
+                    () = tokio::time::sleep(pause.next_pause()) => {}
                     () = closing.cancelled() => return,
                 }
-                pause = (pause * 2).min(Duration::from_secs(30));
                 continue;
             }
         };
@@ -56,12 +57,11 @@ pub async fn feed(source: Rabbit, subscriber: String, messages: mpsc::Sender<Inb
                 return;
             }
             Err(error) => {
-                tracing::warn!(%error, retry_in = ?pause, "RabbitMQ connection lost; will reconnect");
+                tracing::warn!(%error, retry_in = ?pause.peek(), "RabbitMQ connection lost; will reconnect");
                 tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
+                    () = tokio::time::sleep(pause.next_pause()) => {}
                     () = closing.cancelled() => return,
                 }
-                pause = (pause * 2).min(Duration::from_secs(30));
             }
         }
     }
@@ -103,7 +103,7 @@ async fn consume(
     source: &Rabbit,
     subscriber: &str,
     messages: &mpsc::Sender<Inbound>,
-    pause: &mut Duration,
+    pause: &mut Backoff,
 ) -> Result<(), String> {
     declare(connection, source).await?;
     let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
@@ -114,7 +114,7 @@ async fn consume(
         .await
         .map_err(|e| format!("cannot consume {}: {e}", source.queue))?;
     tracing::info!(queue = %source.queue, "consuming from RabbitMQ");
-    *pause = Duration::from_millis(200);
+    pause.reset();
     let lag_channel = connection.create_channel().await.map_err(|e| e.to_string())?;
     let lag = tokio::spawn(report_lag(lag_channel, source.queue.clone(), subscriber.to_owned()));
     struct Abort(tokio::task::JoinHandle<()>);

@@ -24,6 +24,7 @@ pub mod upstream;
 pub use config::Config;
 pub use service::Gateway;
 
+use crate::backoff::Backoff;
 use crate::store::{self, Store, now_millis};
 
 /// How many expired records one purge statement removes: small enough that the writer
@@ -88,17 +89,16 @@ pub async fn run(
 /// Opens the store. A networked store that is down at start-up is waited for, with
 /// backoff and a log line per attempt; `None` when shutdown came first.
 pub(crate) async fn open_store(url: &str, stopping: &CancellationToken) -> anyhow::Result<Option<Arc<dyn Store>>> {
-    let mut pause = Duration::from_millis(500);
+    let mut pause = Backoff::doubling(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         match store::open(url).await {
             Ok(store) => return Ok(Some(store)),
             Err(error) if error.is_retryable() && store::is_networked(url) => {
-                tracing::warn!(store = %store::redact(url), %error, retry_in = ?pause, "store unreachable at start-up; retrying");
+                tracing::warn!(store = %store::redact(url), %error, retry_in = ?pause.peek(), "store unreachable at start-up; retrying");
                 tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
+                    () = tokio::time::sleep(pause.next_pause()) => {}
                     () = stopping.cancelled() => return Ok(None),
                 }
-                pause = (pause * 2).min(Duration::from_secs(30));
             }
             Err(error) => return Err(error).with_context(|| format!("cannot open store {}", store::redact(url))),
         }

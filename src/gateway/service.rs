@@ -18,6 +18,7 @@ use super::odata;
 use super::problem::Problem;
 use super::route::{ForwardKey, KeySource, Route, RouteTable, TenantSource};
 use super::upstream::{Upstream, UpstreamError, strip_hop_by_hop};
+use crate::backoff::Backoff;
 use crate::core::fingerprint::{RequestView, fingerprint};
 use crate::core::units::millis;
 use crate::core::{
@@ -197,7 +198,7 @@ impl Gateway {
             super::route::InFlight::Wait(wait) => Some(Instant::now() + wait),
             super::route::InFlight::Reject => None,
         };
-        let mut pause = Duration::from_millis(10);
+        let mut pause = Backoff::doubling(Duration::from_millis(10), Duration::from_millis(250));
         let claim = loop {
             let started = Instant::now();
             let claim = self.store.claim(&intent, route.policy()).await;
@@ -211,9 +212,8 @@ impl Gateway {
                 }
             };
             match (claim.decision, deadline) {
-                (Decision::InFlight, Some(deadline)) if Instant::now() + pause < deadline => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(250));
+                (Decision::InFlight, Some(deadline)) if Instant::now() + pause.peek() < deadline => {
+                    tokio::time::sleep(pause.next_pause()).await;
                     intent.now = now_millis();
                 }
                 _ => break claim,

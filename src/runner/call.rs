@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::flow::{KeyStrategy, Step};
 use super::template::{Context, Escape};
+use crate::backoff::Backoff;
 use crate::core::{Fingerprint, Outcome, StoredResponse};
 
 /// A rendered request, ready to send.
@@ -233,14 +234,12 @@ pub fn stored_captures(response: Option<&StoredResponse>) -> Map<String, Value> 
 /// The wait before attempt `attempt + 1` (1-based `attempt`): the destination's
 /// `Retry-After` when it gave one, else exponential backoff with full jitter.
 pub fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
-    const BASE: Duration = Duration::from_millis(200);
-    const CAP: Duration = Duration::from_secs(30);
-    if let Some(wait) = retry_after {
+    const RETRIES: Backoff = Backoff::doubling(Duration::from_millis(200), Duration::from_secs(30)).with_full_jitter();
+    match retry_after {
         // Honoured, but a destination cannot park a run for hours.
-        return wait.min(Duration::from_secs(300));
+        Some(wait) => wait.min(Duration::from_secs(300)),
+        None => RETRIES.for_attempt(attempt),
     }
-    let ceiling = BASE.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(CAP);
-    ceiling.mul_f64(rand::random::<f64>())
 }
 
 fn capture(step: &Step, body: &[u8]) -> Map<String, Value> {

@@ -47,6 +47,7 @@ use super::flow::{self, Flow, SourceInput, Step};
 use super::output::{self, RecordReport, ReportFile, StepReport, StepResult, Summary};
 use super::source::{self, Item, SourceRecord};
 use super::template::Context;
+use crate::backoff::Backoff;
 use crate::core::units::millis;
 use crate::core::{
     ClaimPolicy, Decision, ExecuteReason, Fingerprint, Intent, LeaseToken, Millis, OnChange, OnUnknown, Outcome,
@@ -440,7 +441,7 @@ impl Engine {
         let mut known = Map::new();
         let mut attempts = 0;
         let waiting_until = Instant::now() + self.lease + self.flow.timeout;
-        let mut pause = Duration::from_millis(50);
+        let mut pause = Backoff::doubling(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             let claim = match self.claim(unit).await {
                 Ok(claim) => claim,
@@ -450,8 +451,7 @@ impl Engine {
                 (Decision::Execute(reason), Some(token)) => (reason, token),
                 // Another runner holds the step: wait for it to finish (or its lease to run out).
                 (Decision::InFlight, _) if Instant::now() < waiting_until => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
+                    tokio::time::sleep(pause.next_pause()).await;
                     continue;
                 }
                 (decision, _) => return settled(report, decision, claim.record.as_ref()),
@@ -736,13 +736,12 @@ async fn open_store(flow: &Flow, options: &Options) -> Result<Arc<dyn Store>, st
     }
     // Another process opening the same SQLite file at the same moment (two runs started
     // together) holds it locked for a moment: worth a few more tries, as is a store outage.
-    let mut pause = Duration::from_millis(50);
+    let mut pause = Backoff::doubling(Duration::from_millis(50), Duration::from_secs(1));
     for _ in 0..8 {
         match store::open(url).await {
             Err(error) if error.is_retryable() => {
                 tracing::warn!(%error, "cannot open the store yet; will try again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
+                tokio::time::sleep(pause.next_pause()).await;
             }
             other => return other,
         }

@@ -288,6 +288,8 @@ mod tests {
             "postgres://h/db?password=***&sslmode=disable"
         );
         assert_eq!(redact("redis://:s3cret@h:1/0"), "redis://:***@h:1/0");
+        // Hidden however the parameter name is spelt (the runner once matched it case-sensitively).
+        assert_eq!(redact("postgres://h/db?PassWord=pw"), "postgres://h/db?PassWord=***");
         assert_eq!(redact("sqlite://./idem.db"), "sqlite://./idem.db");
         assert_eq!(redact("not a url"), "not a url");
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{Store, now_millis};
+use crate::backoff::Backoff;
 use crate::core::units::millis;
 use crate::core::{LeaseToken, Outcome, RecordId, key};
 
@@ -32,7 +33,7 @@ pub fn keep_alive(store: Arc<dyn Store>, id: RecordId, token: LeaseToken, lease:
 /// Records an outcome, retrying a store outage for a few seconds; `timed` sees how long
 /// each attempt took (for metrics).
 pub async fn finish(store: &dyn Store, id: &RecordId, token: LeaseToken, outcome: Outcome, timed: impl Fn(Duration)) {
-    let mut pause = Duration::from_millis(50);
+    let mut pause = Backoff::doubling(Duration::from_millis(50), Duration::from_secs(1));
     for attempt in 0..6 {
         let started = Instant::now();
         let finished = store.finish(id, token, outcome.clone(), now_millis()).await;
@@ -45,8 +46,7 @@ pub async fn finish(store: &dyn Store, id: &RecordId, token: LeaseToken, outcome
             }
             Err(error) if error.is_retryable() && attempt < 5 => {
                 tracing::warn!(%error, "could not record an outcome; retrying");
-                tokio::time::sleep(pause).await;
-                pause *= 2;
+                tokio::time::sleep(pause.next_pause()).await;
             }
             Err(error) => {
                 tracing::error!(%error, scope = %id.scope, key_hash = %key::hash_for_logs(&id.key), "could not record an outcome; it becomes outcome_unknown when its lease runs out");

@@ -201,7 +201,7 @@ async fn resolve(
 }
 
 async fn purge(State(admin): State<Arc<Admin>>) -> Json<Value> {
-    let removed = crate::gateway::purge_all(admin.store.as_ref(), &Default::default()).await;
+    let removed = crate::host::purge_all(admin.store.as_ref(), &Default::default()).await;
     Json(json!({ "purged": removed }))
 }
 

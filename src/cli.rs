@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::admin::{parse_resolution, parse_status, record_json, rfc3339, stats_json};
 use crate::core::{Record, RecordId};
+use crate::host::Error;
 use crate::store::{self, Cursor, ListQuery, Store, now_millis};
 
 /// `idem log` arguments.
@@ -94,8 +95,18 @@ pub enum LogCommand {
     Stats,
 }
 
-/// Runs `idem log`. Returns the process exit code: 0 done, 1 not found or not possible.
-pub async fn run(args: LogArgs) -> anyhow::Result<u8> {
+/// Runs `idem log`. A record that is not there, or cannot be settled, is said on stderr
+/// and is an [`Error::Reported`] (exit code 1).
+pub async fn run(args: LogArgs) -> Result<(), Error> {
+    let result = execute(args).await?;
+    result.map_err(|message| {
+        eprintln!("{message}");
+        Error::Reported(message)
+    })
+}
+
+/// Does the work: `Ok(Err(message))` when the record is not there or cannot be settled.
+async fn execute(args: LogArgs) -> anyhow::Result<Result<(), String>> {
     let store = store::open(&args.store).await?;
     let out = &mut std::io::stdout().lock();
     match args.command {
@@ -113,15 +124,11 @@ pub async fn run(args: LogArgs) -> anyhow::Result<u8> {
         }
         LogCommand::Show(record) => match store.get(&record.id()).await? {
             Some(found) => print_record(out, &found, args.json)?,
-            None => {
-                eprintln!("no record {}", record.id());
-                return Ok(1);
-            }
+            None => return Ok(Err(format!("no record {}", record.id()))),
         },
         LogCommand::Rm(record) => {
             if !store.delete(&record.id()).await? {
-                eprintln!("no record {}", record.id());
-                return Ok(1);
+                return Ok(Err(format!("no record {}", record.id())));
             }
             writeln!(out, "deleted {}: the next request with this key executes", record.id())?;
         }
@@ -138,14 +145,13 @@ pub async fn run(args: LogArgs) -> anyhow::Result<u8> {
             match store.resolve(&record.id(), resolution, now_millis()).await {
                 Ok(settled) => print_record(out, &settled, args.json)?,
                 Err(e @ (store::Error::NotFound | store::Error::NotResolvable(_))) => {
-                    eprintln!("{}: {e}", record.id());
-                    return Ok(1);
+                    return Ok(Err(format!("{}: {e}", record.id())));
                 }
                 Err(e) => return Err(e.into()),
             }
         }
         LogCommand::Purge => {
-            let removed = crate::gateway::purge_all(store.as_ref(), &Default::default()).await;
+            let removed = crate::host::purge_all(store.as_ref(), &Default::default()).await;
             if args.json {
                 writeln!(out, "{}", json!({ "purged": removed }))?;
             } else {
@@ -163,7 +169,7 @@ pub async fn run(args: LogArgs) -> anyhow::Result<u8> {
             }
         }
     }
-    Ok(0)
+    Ok(Ok(()))
 }
 
 async fn list_all(store: &dyn Store, mut query: ListQuery) -> anyhow::Result<Vec<Record>> {

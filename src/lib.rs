@@ -14,6 +14,7 @@ pub mod consumer;
 pub mod core;
 pub mod demo;
 pub mod gateway;
+pub mod host;
 pub mod metrics;
 pub mod runner;
 pub mod store;

@@ -1,15 +1,21 @@
 //! The `idem` command: parses arguments, wires the library together and maps the
 //! outcome to an exit code.
 //!
-//! Exit codes: 0 success; 1 a runtime failure (or, for `idem log`, a record not found);
-//! 2 bad input: an unknown flag, a malformed config file or store URL.
+//! Exit codes, decided by [`idem::host::Error::exit_code`] for every subcommand: 0 success;
+//! 1 a runtime failure (or work left undone: a runner record that needs review, an `idem
+//! log` record not found); 2 bad input: an unknown flag, a malformed config, flow or
+//! consumer file, store URL or encryption key.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use idem::cli::LogArgs;
-use idem::gateway::config::{self, Overrides, RawConfig};
+use idem::gateway::{
+    self,
+    config::{self, Overrides, RawConfig},
+};
+use idem::host::Error;
 
 #[derive(Debug, Parser)]
 #[command(name = "idem", version, about = "Makes retries safe: every intended action executes once")]
@@ -74,100 +80,83 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
-        Command::Gateway(args) => runtime.block_on(gateway(args)),
-        Command::Log(args) => match runtime.block_on(idem::cli::run(args)) {
-            Ok(code) => ExitCode::from(code),
-            Err(e) => failure(&e),
-        },
+    let outcome = match cli.command {
+        Command::Gateway(args) => {
+            gateway_config(args).and_then(|config| runtime.block_on(gateway::run(config, shutdown_signal())))
+        }
+        Command::Log(args) => runtime.block_on(idem::cli::run(args)),
         // On a worker thread, not the main one: the loops that spawn a task per record or
         // message then hand it to a worker without waking another thread each time.
-        Command::Run(args) => on_a_worker(&runtime, idem::runner::run(args, shutdown_signal())),
-        Command::Consume(args) => on_a_worker(&runtime, idem::consumer::run(args, shutdown_signal())),
-        Command::DemoUpstream { listen } => runtime.block_on(async {
-            match tokio::net::TcpListener::bind(&listen).await {
-                Ok(listener) => {
-                    println!(
-                        "idem demo upstream listening on http://{}",
-                        listener.local_addr().map(|a| a.to_string()).unwrap_or(listen)
-                    );
-                    tokio::select! {
-                        () = idem::demo::serve(listener) => {}
-                        () = shutdown_signal() => {}
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("idem: cannot listen on {listen}: {e}");
-                    ExitCode::FAILURE
-                }
+        Command::Run(args) => on_a_worker(&runtime, async move {
+            match idem::runner::run(args, shutdown_signal()).await {
+                0 => Ok(()),
+                2 => Err(Error::BadInput(anyhow::anyhow!("TEMPORARY"))),
+                _ => Err(Error::Reported(String::new())),
             }
         }),
-    }
-}
-
-/// Runs a command's future as a task of the runtime and maps its exit status.
-fn on_a_worker(runtime: &tokio::runtime::Runtime, command: impl Future<Output = u8> + Send + 'static) -> ExitCode {
-    match runtime.block_on(runtime.spawn(command)) {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("idem: {e}");
-            ExitCode::FAILURE
+        Command::Consume(args) => consumer_config(args)
+            .and_then(|consumer| on_a_worker(&runtime, idem::consumer::run(consumer, shutdown_signal()))),
+        Command::DemoUpstream { listen } => runtime.block_on(demo_upstream(listen)),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            if !error.is_reported() {
+                eprintln!("idem: {error}");
+            }
+            ExitCode::from(error.exit_code())
         }
     }
 }
 
-async fn gateway(args: GatewayArgs) -> ExitCode {
+/// Runs an entry point's future as a task of the runtime.
+fn on_a_worker(
+    runtime: &tokio::runtime::Runtime,
+    command: impl Future<Output = Result<(), Error>> + Send + 'static,
+) -> Result<(), Error> {
+    runtime.block_on(runtime.spawn(command)).unwrap_or_else(|e| Err(Error::failed("the command's task", e)))
+}
+
+/// The gateway's config: the file, then the environment and flags over it.
+fn gateway_config(args: GatewayArgs) -> Result<gateway::Config, Error> {
     let raw = match &args.config {
-        Some(path) => match config::read_file(path) {
-            Ok(raw) => raw,
-            Err(e) => {
-                eprintln!("idem: {e}");
-                return ExitCode::from(2);
-            }
-        },
+        Some(path) => config::read_file(path).map_err(|e| Error::BadInput(e.into()))?,
         None => RawConfig::default(),
     };
-    let overrides =
-        Overrides { listen: args.listen, upstream: args.upstream, store: args.store, admin_listen: args.admin_listen };
-    let config = match raw.validate(&overrides, &|name| std::env::var(name).ok()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("idem: {e}");
-            return ExitCode::from(2);
-        }
+    let demo = if args.demo { gateway::Demo::StartUpstream } else { gateway::Demo::Off };
+    let overrides = Overrides {
+        listen: args.listen,
+        upstream: args.upstream,
+        store: args.store,
+        admin_listen: args.admin_listen,
+        demo,
     };
-    let demo = args.demo;
-    let upstream = config.upstream.clone();
-    let ready = move |listen: std::net::SocketAddr, admin: std::net::SocketAddr| {
-        println!("idem gateway listening on http://{listen} (admin http://{admin}), forwarding to {upstream}");
-        if demo {
-            println!("demo upstream: {upstream} — try it:");
-            println!(
-                "  curl -si -X POST http://{listen}/orders -H 'Idempotency-Key: order-1' -H 'Content-Type: application/json' -d '{{\"amount\": 42}}'"
-            );
-            println!(
-                "  (run it twice: the second answer is a replay; the demo counted one call: curl -s {upstream}_demo/stats)"
-            );
-        }
-    };
-    match idem::gateway::run(config, demo, shutdown_signal(), ready).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => failure(&e),
-    }
+    raw.validate(&overrides, &|name| std::env::var(name).ok()).map_err(|e| Error::BadInput(e.into()))
 }
 
-/// Bad store URLs and encryption keys are bad input (2); everything else is a runtime
-/// failure (1).
-fn failure(e: &anyhow::Error) -> ExitCode {
-    eprintln!("idem: {e:#}");
-    let bad_input = e.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<idem::store::Error>(),
-            Some(idem::store::Error::BadUrl { .. } | idem::store::Error::BadKey(_))
-        )
-    });
-    ExitCode::from(if bad_input { 2 } else { 1 })
+/// The consumer file, with `--store` over its `store`.
+fn consumer_config(args: idem::consumer::ConsumeArgs) -> Result<idem::consumer::config::Consumer, Error> {
+    let mut consumer = idem::consumer::config::load(&args.consumer, &|name| std::env::var(name).ok())
+        .map_err(|e| Error::BadInput(e.into()))?;
+    if let Some(store) = args.store {
+        consumer.store = store;
+    }
+    Ok(consumer)
+}
+
+async fn demo_upstream(listen: String) -> Result<(), Error> {
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| Error::failed(format!("cannot listen on {listen}"), e))?;
+    println!(
+        "idem demo upstream listening on http://{}",
+        listener.local_addr().map(|a| a.to_string()).unwrap_or(listen)
+    );
+    tokio::select! {
+        () = idem::demo::serve(listener) => {}
+        () = shutdown_signal() => {}
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

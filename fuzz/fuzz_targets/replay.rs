@@ -29,7 +29,6 @@ use idem::gateway::Gateway;
 use idem::gateway::body::{Body, full};
 use idem::gateway::config::{Overrides, RawConfig, parse_toml};
 use idem::gateway::route::RouteTable;
-use idem::gateway::upstream::Upstream;
 use idem::store::memory::MemoryStore;
 use idem::store::{ListQuery, Store};
 use idem_fuzz::Message;
@@ -263,13 +262,7 @@ fn world() -> &'static World {
                 let raw: RawConfig = parse_toml(text).expect("a fuzz config parses");
                 let overrides = Overrides { upstream: Some(upstream.clone()), ..Default::default() };
                 let config = raw.validate(&overrides, &|_| None).expect("a fuzz config validates");
-                let gateway = Gateway::new(
-                    RouteTable::new(config.routes.clone()),
-                    store.clone(),
-                    Upstream::new(config.upstream.clone()),
-                    config.odata,
-                    Duration::from_secs(5),
-                );
+                let gateway = Gateway::new(&config, store.clone());
                 (Arc::new(gateway), RouteTable::new(config.routes))
             })
             .collect();

@@ -41,6 +41,7 @@ use self::guard::{Check, VersionGuard};
 use crate::backoff::Backoff;
 use crate::core::units::millis;
 use crate::core::{ClaimPolicy, Decision, Fingerprint, Intent, Outcome, RecordId};
+use crate::host::{self, Error};
 use crate::runner::engine::{Attempts, Engine, Keys, unknown_is_safe};
 use crate::runner::flow::{Flow, SourceInput, SourceSpec};
 use crate::runner::output::{RecordReport, StepResult};
@@ -133,36 +134,11 @@ impl Label {
     }
 }
 
-/// Runs a consumer file until `stop`; returns the exit status: 0 after a clean stop, 1 when
-/// the store cannot be opened, 2 for a bad consumer file or store URL.
-pub async fn run(args: ConsumeArgs, stop: impl Future<Output = ()>) -> u8 {
-    let mut consumer = match config::load(&args.consumer, &|name| std::env::var(name).ok()) {
-        Ok(consumer) => consumer,
-        Err(e) => {
-            eprintln!("idem: {e}");
-            return 2;
-        }
-    };
-    if let Some(store) = args.store {
-        consumer.store = store;
-    }
-    match serve(consumer, stop).await {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("idem: {e:#}");
-            let bad = e.chain().any(|c| {
-                matches!(c.downcast_ref::<store::Error>(), Some(store::Error::BadUrl { .. } | store::Error::BadKey(_)))
-            });
-            if bad { 2 } else { 1 }
-        }
-    }
-}
-
-/// Consumes until `stop`: then no new message is taken, the messages in flight are
+/// Consumes until `shutdown`: then no new message is taken, the messages in flight are
 /// delivered and settled, and the broker connection closes.
-pub async fn serve(consumer: Consumer, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let never = CancellationToken::new();
-    let Some(store) = crate::gateway::open_store(&consumer.store, &never).await? else { return Ok(()) };
+pub async fn run(consumer: Consumer, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+    let stopping = host::cancel_on(shutdown);
+    let Some(store) = host::open_store(&consumer.store, &stopping).await? else { return Ok(()) };
     let metrics = crate::metrics::install();
     let handler = Arc::new(Handler::new(&consumer, store.clone())?);
     let closing = CancellationToken::new();
@@ -191,28 +167,23 @@ pub async fn serve(consumer: Consumer, stop: impl Future<Output = ()>) -> anyhow
     };
     let admin = match consumer.admin {
         Some((address, token)) => {
-            let listener = tokio::net::TcpListener::bind(address).await?;
-            let address = listener.local_addr()?;
+            let listener = host::bind(address, "admin").await?;
+            let address = listener.local_addr().map_err(|e| Error::failed("admin listener", e))?;
             let admin = crate::admin::Admin { store: store.clone(), metrics, token };
-            let router = crate::admin::router(Arc::new(admin));
-            let stopping = closing.clone();
             println!("idem consume {}: admin http://{address}", consumer.subscriber);
-            Some(tokio::spawn(async move {
-                axum::serve(listener, router).with_graceful_shutdown(stopping.cancelled_owned()).await
-            }))
+            Some(host::serve_admin(listener, admin, host::ADMIN_MAX_CONNECTIONS, closing.clone()))
         }
         None => None,
     };
-    let purge = tokio::spawn(crate::gateway::purge_loop(store.clone(), Duration::from_secs(60), closing.clone()));
+    let purge = tokio::spawn(host::purge_loop(store.clone(), Duration::from_secs(60), closing.clone()));
     println!("idem consume {} ready", consumer.subscriber);
     tracing::info!(subscriber = %consumer.subscriber, store = %store::redact(&consumer.store), "idem consume ready");
 
     let mut running: JoinSet<()> = JoinSet::new();
-    let mut stop = std::pin::pin!(stop);
     loop {
         tokio::select! {
             biased;
-            () = &mut stop => break,
+            () = stopping.cancelled() => break,
             Some(_) = running.join_next(), if running.len() >= consumer.concurrency => {}
             message = inbox.recv(), if running.len() < consumer.concurrency => match message {
                 Some(message) => {

@@ -33,6 +33,8 @@ pub struct RawConfig {
     pub shutdown_grace: Option<String>,
     /// How often expired records are purged.
     pub purge_interval: Option<String>,
+    /// At most this many client connections at once.
+    pub max_connections: Option<u64>,
     /// The admin listener.
     #[serde(default)]
     pub admin: RawAdmin,
@@ -181,6 +183,18 @@ pub struct Overrides {
     pub store: Option<String>,
     /// `--admin-listen`.
     pub admin_listen: Option<String>,
+    /// `--demo`.
+    pub demo: Demo,
+}
+
+/// Whether the gateway starts the demo upstream itself (`--demo`, for the quick start).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Demo {
+    /// Forward to the configured upstream.
+    #[default]
+    Off,
+    /// Start the demo upstream on the upstream's address first.
+    StartUpstream,
 }
 
 /// The validated configuration.
@@ -202,6 +216,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How often expired records are purged.
     pub purge_interval: Duration,
+    /// At most this many client connections at once.
+    pub max_connections: usize,
+    /// Whether to start the demo upstream.
+    pub demo: Demo,
     /// Protected routes, in order.
     pub routes: Vec<Route>,
 }
@@ -272,6 +290,18 @@ fn upstream_uri(s: &str) -> Result<Uri, String> {
     }
 }
 
+/// The default cap on client connections: far above what one gateway serves at once on
+/// a few cores, and within the file descriptors a service is usually given.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+fn connection_cap(value: Option<u64>) -> Result<usize, String> {
+    match value {
+        None => Ok(MAX_CONNECTIONS),
+        Some(n @ 1..=1_000_000) => Ok(n as usize),
+        Some(n) => Err(format!("{n} is not between 1 and 1000000")),
+    }
+}
+
 fn header_name(s: &str) -> Result<HeaderName, String> {
     HeaderName::try_from(s).map_err(|_| format!("invalid header name {s:?}"))
 }
@@ -316,6 +346,7 @@ impl RawConfig {
         let client_timeout = duration(&mut p, "client_timeout", self.client_timeout, "30s");
         let shutdown_grace = duration(&mut p, "shutdown_grace", self.shutdown_grace, "30s");
         let purge_interval = duration(&mut p, "purge_interval", self.purge_interval, "60s");
+        let max_connections = p.check("max_connections", connection_cap(self.max_connections));
         let raw_routes = if self.routes.is_empty() { vec![RawRoute::default()] } else { self.routes };
         let mut routes = Vec::new();
         let mut names = BTreeMap::new();
@@ -331,7 +362,7 @@ impl RawConfig {
         if !p.0.is_empty() {
             return Err(ConfigError(p.0));
         }
-        match (listen, upstream, admin_listen, client_timeout, shutdown_grace, purge_interval) {
+        match (listen, upstream, admin_listen, client_timeout, shutdown_grace, purge_interval, max_connections) {
             (
                 Some(listen),
                 Some(upstream),
@@ -339,6 +370,7 @@ impl RawConfig {
                 Some(client_timeout),
                 Some(shutdown_grace),
                 Some(purge_interval),
+                Some(max_connections),
             ) => Ok(Config {
                 listen,
                 upstream,
@@ -348,6 +380,8 @@ impl RawConfig {
                 client_timeout,
                 shutdown_grace,
                 purge_interval,
+                max_connections,
+                demo: overrides.demo,
                 routes,
             }),
             _ => Err(ConfigError(vec!["invalid configuration".into()])),

@@ -2,154 +2,92 @@
 //!
 //! `config` turns TOML and flags into typed routes; `service` makes each request's
 //! decision through the store and the core; `upstream` talks to the protected API;
-//! `server` owns the listener; `problem` is every error answer.
+//! `problem` is every error answer. The listener is served by [`crate::host::listener`].
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 pub mod body;
 pub mod config;
 pub mod odata;
 pub mod problem;
 pub mod route;
-pub mod server;
 pub mod service;
 pub mod upstream;
 
-pub use config::Config;
+pub use config::{Config, Demo};
 pub use service::Gateway;
 
-use crate::backoff::Backoff;
-use crate::store::{self, Store, now_millis};
+use crate::host::{self, Error, Limits};
+use crate::store;
 
-/// How many expired records one purge statement removes: small enough that the writer
-/// is never held for long, so traffic does not stall behind retention.
-pub const PURGE_BATCH: usize = 500;
-
-/// Runs the gateway until `shutdown` resolves. With `demo`, a demo upstream is started
-/// on the upstream address first. `ready` receives the bound addresses.
-pub async fn run(
-    config: Config,
-    demo: bool,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    ready: impl FnOnce(std::net::SocketAddr, std::net::SocketAddr),
-) -> anyhow::Result<()> {
+/// Runs the gateway until `shutdown` resolves: opens the store, binds the client and
+/// admin listeners, prints the ready line, serves, and on shutdown stops accepting, lets
+/// open requests finish (up to `shutdown_grace`) and waits for every detached execution
+/// to record its outcome.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
     let metrics = crate::metrics::install();
-    let stopping = CancellationToken::new();
-    let on_signal = stopping.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        on_signal.cancel();
-    });
-    if demo {
+    let stopping = host::cancel_on(shutdown);
+    if config.demo == Demo::StartUpstream {
         let address = config.upstream.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
-        let listener =
-            TcpListener::bind(&address).await.with_context(|| format!("demo upstream: cannot listen on {address}"))?;
+        let listener = TcpListener::bind(&address)
+            .await
+            .map_err(|e| Error::failed(format!("demo upstream: cannot listen on {address}"), e))?;
         tokio::spawn(crate::demo::serve(listener));
     }
-    let Some(store) = open_store(&config.store, &stopping).await? else { return Ok(()) };
-    let listener =
-        TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
-    let admin_listener = TcpListener::bind(config.admin.listen)
-        .await
-        .with_context(|| format!("admin: cannot listen on {}", config.admin.listen))?;
-    let gateway = Arc::new(Gateway::new(
-        route::RouteTable::new(config.routes.clone()),
-        store.clone(),
-        upstream::Upstream::new(config.upstream.clone()),
-        config.odata,
-        config.client_timeout,
-    ));
-    let admin_address = admin_listener.local_addr()?;
-    let stop = CancellationToken::new();
-    tokio::spawn(purge_loop(store.clone(), config.purge_interval, stop.clone()));
-    let admin = crate::admin::Admin { store: store.clone(), metrics, token: config.admin.token.clone() };
-    let admin_stop = stop.clone();
-    let admin_server = tokio::spawn(async move {
-        let router = crate::admin::router(Arc::new(admin));
-        axum::serve(admin_listener, router).with_graceful_shutdown(admin_stop.cancelled_owned()).await
-    });
-    ready(listener.local_addr()?, admin_address);
+    let Some(store) = host::open_store(&config.store, &stopping).await? else { return Ok(()) };
+    let listener = host::bind(config.listen, "gateway").await?;
+    let admin_listener = host::bind(config.admin.listen, "admin").await?;
+    let listen = listener.local_addr().map_err(|e| Error::failed("gateway listener", e))?;
+    let admin_address = admin_listener.local_addr().map_err(|e| Error::failed("admin listener", e))?;
+    let gateway = Arc::new(Gateway::new(&config, store.clone()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(host::purge_loop(store.clone(), config.purge_interval, stop.clone()));
+    let admin = crate::admin::Admin { store, metrics, token: config.admin.token.clone() };
+    let admin_server = host::serve_admin(admin_listener, admin, host::ADMIN_MAX_CONNECTIONS, stop.clone());
+    announce(&config, listen, admin_address);
     tracing::info!(
-        listen = %listener.local_addr()?, upstream = %config.upstream, store = %store::redact(&config.store),
-        admin = %admin_address, routes = config.routes.len(), "idem gateway ready"
+        listen = %listen, upstream = %config.upstream, store = %store::redact(&config.store),
+        admin = %admin_address, routes = config.routes.len(), max_connections = config.max_connections,
+        "idem gateway ready"
     );
-    server::serve(listener, gateway, config.client_timeout, config.shutdown_grace, stopping.cancelled_owned()).await;
+    let limits = Limits {
+        max_connections: config.max_connections,
+        header_read_timeout: config.client_timeout,
+        grace: config.shutdown_grace,
+    };
+    let serving = gateway.clone();
+    let service = move |peer: SocketAddr| {
+        let gateway = serving.clone();
+        hyper::service::service_fn(move |request| {
+            let gateway = gateway.clone();
+            async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, Some(peer)).await) }
+        })
+    };
+    host::listener::serve(listener, "gateway", limits, service, stopping.cancelled_owned()).await;
+    tracing::info!("shutting down: waiting for detached executions to record their outcomes");
+    gateway.tasks().close();
+    gateway.tasks().wait().await;
     stop.cancel();
     let _ = admin_server.await;
     tracing::info!("idem gateway stopped");
     Ok(())
 }
 
-/// Opens the store. A networked store that is down at start-up is waited for, with
-/// backoff and a log line per attempt; `None` when shutdown came first.
-pub(crate) async fn open_store(url: &str, stopping: &CancellationToken) -> anyhow::Result<Option<Arc<dyn Store>>> {
-    let mut pause = Backoff::doubling(Duration::from_millis(500), Duration::from_secs(30));
-    loop {
-        match store::open(url).await {
-            Ok(store) => return Ok(Some(store)),
-            Err(error) if error.is_retryable() && store::is_networked(url) => {
-                tracing::warn!(store = %store::redact(url), %error, retry_in = ?pause.peek(), "store unreachable at start-up; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(pause.next_pause()) => {}
-                    () = stopping.cancelled() => return Ok(None),
-                }
-            }
-            Err(error) => return Err(error).with_context(|| format!("cannot open store {}", store::redact(url))),
-        }
+/// The ready line (tests and scripts wait for it), and the quick start's hints.
+fn announce(config: &Config, listen: SocketAddr, admin: SocketAddr) {
+    let upstream = &config.upstream;
+    println!("idem gateway listening on http://{listen} (admin http://{admin}), forwarding to {upstream}");
+    if config.demo == Demo::StartUpstream {
+        println!("demo upstream: {upstream} — try it:");
+        println!(
+            "  curl -si -X POST http://{listen}/orders -H 'Idempotency-Key: order-1' -H 'Content-Type: application/json' -d '{{\"amount\": 42}}'"
+        );
+        println!(
+            "  (run it twice: the second answer is a replay; the demo counted one call: curl -s {upstream}_demo/stats)"
+        );
     }
-}
-
-/// Removes expired records in small batches, then refreshes the record gauges. Counting
-/// records can mean reading a whole table, so after a count the next one waits a hundred
-/// times as long as it took: a count that takes 1 s runs at most every 100 s.
-pub(crate) async fn purge_loop(store: Arc<dyn Store>, every: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut next_count = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        let removed = purge_all(store.as_ref(), &stop).await;
-        if removed > 0 {
-            tracing::info!(removed, "purged expired records");
-        }
-        if tokio::time::Instant::now() < next_count {
-            continue;
-        }
-        let started = tokio::time::Instant::now();
-        match store.stats().await {
-            Ok(stats) => crate::metrics::set_records(&stats),
-            Err(error) => tracing::warn!(%error, "could not read record counts"),
-        }
-        next_count = started + started.elapsed() * 100;
-    }
-}
-
-/// Purges every expired record, one small batch at a time, yielding between batches.
-pub async fn purge_all(store: &dyn Store, stop: &CancellationToken) -> u64 {
-    let mut removed = 0;
-    while !stop.is_cancelled() {
-        match store.purge_expired(now_millis(), PURGE_BATCH).await {
-            Ok(n) => {
-                removed += n;
-                if (n as usize) < PURGE_BATCH {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "purge failed; will try again");
-                break;
-            }
-        }
-    }
-    removed
 }

@@ -14,6 +14,7 @@ use hyper_util::client::legacy::connect::capture_connection;
 use tokio_util::task::TaskTracker;
 
 use super::body::{Body, BoxError, ReadError, boxed, full, read_limited};
+use super::config::Config;
 use super::odata;
 use super::problem::Problem;
 use super::route::{ForwardKey, KeySource, Route, RouteTable, TenantSource};
@@ -60,21 +61,16 @@ struct Identified {
 }
 
 impl Gateway {
-    /// A gateway over its parts.
-    pub fn new(
-        routes: RouteTable,
-        store: Arc<dyn Store>,
-        upstream: Upstream,
-        odata: bool,
-        client_timeout: Duration,
-    ) -> Self {
+    /// The gateway `config` describes, on `store`.
+    pub fn new(config: &Config, store: Arc<dyn Store>) -> Self {
+        let routes = RouteTable::new(config.routes.clone());
         let route_metrics = routes.iter().map(|r| RouteMetrics::new(&r.name)).collect();
         Self {
             routes,
             store,
-            upstream,
-            odata,
-            client_timeout,
+            upstream: Upstream::new(config.upstream.clone()),
+            odata: config.odata,
+            client_timeout: config.client_timeout,
             route_metrics,
             unrouted: RouteMetrics::new(""),
             store_metrics: StoreMetrics::default(),
@@ -559,9 +555,10 @@ mod tests {
     }
 
     fn gateway(store: Arc<dyn Store>, upstream: SocketAddr) -> Arc<Gateway> {
-        let config = parse_toml::<RawConfig>("").unwrap().validate(&Overrides::default(), &|_| None).unwrap();
-        let upstream = Upstream::new(format!("http://{upstream}").parse().unwrap());
-        Arc::new(Gateway::new(RouteTable::new(config.routes), store, upstream, false, Duration::from_secs(5)))
+        let overrides = Overrides { upstream: Some(format!("http://{upstream}")), ..Overrides::default() };
+        let config =
+            parse_toml::<RawConfig>("client_timeout = \"5s\"").unwrap().validate(&overrides, &|_| None).unwrap();
+        Arc::new(Gateway::new(&config, store))
     }
 
     fn post(key: &str) -> Request<Full<Bytes>> {

@@ -208,12 +208,11 @@ mod tests {
     use crate::gateway::Gateway;
     use crate::gateway::body::Body;
     use crate::gateway::config::{Overrides, RawConfig, parse_toml};
-    use crate::gateway::route::RouteTable;
-    use crate::gateway::upstream::Upstream;
     use crate::store::memory::MemoryStore;
 
     /// One route with a short lease, so a claim whose owner is lost runs out quickly.
     const ROUTES: &str = r#"
+        client_timeout = "5s"
         [[routes]]
         name = "orders"
         path = "/orders"
@@ -232,9 +231,9 @@ mod tests {
     }
 
     fn gateway(store: Arc<dyn Store>, upstream: SocketAddr) -> Arc<Gateway> {
-        let config = parse_toml::<RawConfig>(ROUTES).unwrap().validate(&Overrides::default(), &|_| None).unwrap();
-        let upstream = Upstream::new(format!("http://{upstream}").parse().unwrap());
-        Arc::new(Gateway::new(RouteTable::new(config.routes), store, upstream, false, Duration::from_secs(5)))
+        let overrides = Overrides { upstream: Some(format!("http://{upstream}")), ..Overrides::default() };
+        let config = parse_toml::<RawConfig>(ROUTES).unwrap().validate(&overrides, &|_| None).unwrap();
+        Arc::new(Gateway::new(&config, store))
     }
 
     fn post(key: &str, body: &'static str) -> Request<Full<Bytes>> {

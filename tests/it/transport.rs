@@ -157,3 +157,63 @@ async fn an_upstream_path_prefix_is_kept() {
     let read = send(http.get(gateway.url("/orders/1?expand=items"))).await;
     assert_eq!(read.json()["path"], "/api/orders/1", "{read:?}");
 }
+
+/// Sends one keyed POST on an open connection and reads the status line of its answer.
+async fn post_on(stream: &mut tokio::net::TcpStream, key: &str) -> String {
+    let request = format!(
+        "POST /orders HTTP/1.1\r\nHost: gateway\r\nIdempotency-Key: {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: 2\r\n\r\n{{}}"
+    );
+    stream.write_all(request.as_bytes()).await.expect("the request is sent");
+    status_line(stream).await
+}
+
+async fn status_line(stream: &mut tokio::net::TcpStream) -> String {
+    let mut buffer = vec![0; 4096];
+    let n = stream.read(&mut buffer).await.expect("an answer");
+    String::from_utf8_lossy(&buffer[..n]).lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn past_max_connections_a_new_connection_waits_until_one_closes() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), "max_connections = 2").await;
+    let address = gateway.url("").trim_start_matches("http://").to_owned();
+    let connect = || tokio::net::TcpStream::connect(address.clone());
+    let mut first = connect().await.expect("the gateway accepts");
+    let mut second = connect().await.expect("the gateway accepts");
+    assert_eq!(post_on(&mut first, "cap-1").await, "HTTP/1.1 201 Created");
+    assert_eq!(post_on(&mut second, "cap-2").await, "HTTP/1.1 201 Created");
+    // Both stay open (keep-alive), so the cap is reached and said so.
+    for _ in 0..200 {
+        if gateway.logs().contains("connection cap reached") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(gateway.logs().contains("connection cap reached"), "{}", gateway.logs());
+
+    // The third connection is not refused: the kernel queues it, and its request waits.
+    let mut third = connect().await.expect("a connection past the cap still connects");
+    let request = "POST /orders HTTP/1.1\r\nHost: gateway\r\nIdempotency-Key: cap-3\r\n\
+                   Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+    third.write_all(request.as_bytes()).await.expect("the request is sent");
+    let early = tokio::time::timeout(Duration::from_millis(300), status_line(&mut third)).await;
+    assert!(early.is_err(), "answered past the cap: {early:?}");
+    assert_eq!(upstream.calls_for("cap-3").await, 0, "nothing past the cap reached the upstream");
+
+    // One closes: the waiting connection is accepted and served.
+    drop(first);
+    let answer = tokio::time::timeout(Duration::from_secs(10), status_line(&mut third)).await;
+    assert_eq!(answer.expect("served once a connection closed"), "HTTP/1.1 201 Created");
+    assert_eq!(upstream.calls_for("cap-3").await, 1);
+    assert_eq!(post_on(&mut second, "cap-4").await, "HTTP/1.1 201 Created", "the open connection still works");
+}
+
+#[tokio::test]
+async fn a_connection_cap_of_zero_is_bad_input() {
+    let (status, stderr) =
+        Gateway::builder(&crate::support::closed_port_url(), "max_connections = 0").expect_exit().await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("max_connections: 0 is not between 1 and 1000000"), "{stderr}");
+}

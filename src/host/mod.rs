@@ -1,0 +1,92 @@
+//! What every long-running entry point (`idem gateway`, `idem consume`, and `idem run`
+//! for its store) needs around its own work, written once: opening the store (waiting for
+//! a networked one that is not up yet), the retention purge, serving HTTP listeners with
+//! their limits (the admin API among them), turning the shutdown signal into a token, and
+//! the [`Error`] whose exit code the binary reports.
+//!
+//! **Boundary:** knows the store, the admin API and HTTP serving; never a product's
+//! decisions (no route, flow or broker here), so `gateway`, `runner` and `consumer` all
+//! depend on it and it depends on none of them.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+mod error;
+pub mod listener;
+mod purge;
+
+pub use error::Error;
+pub use listener::Limits;
+pub use purge::{PURGE_BATCH, purge_all, purge_loop};
+
+use crate::backoff::Backoff;
+use crate::store::{self, Store};
+
+/// How many connections an admin listener takes at once by default: operators, probes
+/// and scrapers, not traffic.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// A token cancelled when `shutdown` resolves (SIGTERM, Ctrl-C, or a test's signal).
+pub fn cancel_on(shutdown: impl Future<Output = ()> + Send + 'static) -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        cancel.cancel();
+    });
+    token
+}
+
+/// Opens the store. A networked store that is down at start-up is waited for, with
+/// backoff and a log line per attempt; `None` when `stopping` came first. A store that
+/// cannot be opened for another reason is an error naming it (password redacted).
+pub async fn open_store(url: &str, stopping: &CancellationToken) -> Result<Option<Arc<dyn Store>>, Error> {
+    let mut pause = Backoff::doubling(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        match store::open(url).await {
+            Ok(store) => return Ok(Some(store)),
+            Err(error) if error.is_retryable() && store::is_networked(url) => {
+                tracing::warn!(store = %store::redact(url), %error, retry_in = ?pause.peek(), "store unreachable at start-up; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(pause.next_pause()) => {}
+                    () = stopping.cancelled() => return Ok(None),
+                }
+            }
+            Err(error) => return Err(Error::from(error).context(format!("cannot open store {}", store::redact(url)))),
+        }
+    }
+}
+
+/// Binds a listener, naming what it is for in the error.
+pub async fn bind(address: std::net::SocketAddr, what: &str) -> Result<TcpListener, Error> {
+    TcpListener::bind(address).await.map_err(|e| Error::failed(format!("{what}: cannot listen on {address}"), e))
+}
+
+/// Serves the admin API on `listener` until `stop` is cancelled.
+pub fn serve_admin(
+    listener: TcpListener,
+    admin: crate::admin::Admin,
+    max_connections: usize,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    use tower::ServiceExt;
+    let router = crate::admin::router(Arc::new(admin));
+    let limits = Limits {
+        max_connections,
+        header_read_timeout: Duration::from_secs(30),
+        // The admin API's calls are short; a stop does not wait long for them.
+        grace: Duration::from_secs(5),
+    };
+    tokio::spawn(async move {
+        let service = move |_peer| {
+            let router = router.clone();
+            hyper::service::service_fn(move |request| router.clone().oneshot(request))
+        };
+        listener::serve(listener, "admin", limits, service, stop.cancelled_owned()).await;
+    })
+}

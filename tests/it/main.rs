@@ -3,6 +3,7 @@
 //! the upstream executed. One binary, one module per theme; `support` starts processes.
 
 mod admin;
+mod architecture;
 mod bad_input;
 mod consumer;
 mod crash;

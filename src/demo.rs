@@ -20,7 +20,8 @@
 //!   The faults act on the connection, so they are meant for HTTP/1.1 clients (the
 //!   gateway's upstream client is one).
 //!
-//! `GET /_demo/stats` reports the calls; `POST /_demo/reset` clears them.
+//! `GET /_demo/stats` reports the calls (in all, by key, by path, by HTTP version);
+//! `POST /_demo/reset` clears them. `--tls-cert`/`--tls-key` make it an HTTPS API.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -43,12 +44,16 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::tls::ServerTls;
+
 /// What the demo upstream has executed.
 #[derive(Default)]
 struct Calls {
     total: u64,
     by_key: BTreeMap<String, u64>,
     by_path: BTreeMap<String, u64>,
+    /// Executed calls by HTTP version (`HTTP/1.1`, `HTTP/2.0`): which one a client chose.
+    by_version: BTreeMap<String, u64>,
 }
 
 /// The demo's answer bodies: whole, or sent in timed parts that may break off.
@@ -59,6 +64,12 @@ const SLOW_BODY_DEFAULT: Duration = Duration::from_secs(10);
 
 /// Serves the demo API on `listener` forever.
 pub async fn serve(listener: TcpListener) {
+    serve_with(listener, None).await;
+}
+
+/// Serves the demo API on `listener` forever, over TLS (HTTP/2 or HTTP/1.1 by ALPN) when
+/// `tls` is given: an HTTPS API to put the gateway in front of.
+pub async fn serve_with(listener: TcpListener, tls: Option<Arc<ServerTls>>) {
     let calls = Arc::new(Mutex::new(Calls::default()));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -67,9 +78,20 @@ pub async fn serve(listener: TcpListener) {
         let _ = stream.set_nodelay(true);
         let connection = Connection { stream, reset: Arc::new(AtomicBool::new(false)) };
         let (calls, reset) = (calls.clone(), connection.reset.clone());
+        let acceptor = tls.as_ref().map(|tls| tokio_rustls::TlsAcceptor::from(tls.config()));
         tokio::spawn(async move {
             let service = service_fn(move |request| handle(calls.clone(), reset.clone(), request));
-            let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(connection), service).await;
+            let builder = auto::Builder::new(TokioExecutor::new());
+            match acceptor {
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(connection), service).await;
+                }
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(connection).await {
+                        let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                    }
+                }
+            }
         });
     }
 }
@@ -192,9 +214,10 @@ impl Fault {
 
 impl Calls {
     /// Counts an executed call: its number, and how many calls its key has had.
-    fn count(&mut self, path: &str, key: Option<&str>) -> (u64, Option<u64>) {
+    fn count(&mut self, path: &str, key: Option<&str>, version: http::Version) -> (u64, Option<u64>) {
         self.total += 1;
         *self.by_path.entry(path.to_owned()).or_default() += 1;
+        *self.by_version.entry(format!("{version:?}")).or_default() += 1;
         let for_key = key.map(|key| {
             let count = self.by_key.entry(key.to_owned()).or_default();
             *count += 1;
@@ -215,7 +238,8 @@ async fn handle(
     match (&parts.method, path.as_str()) {
         (&Method::GET, "/_demo/stats") => {
             let c = lock();
-            let stats = json!({ "calls": c.total, "by_key": c.by_key, "by_path": c.by_path });
+            let stats =
+                json!({ "calls": c.total, "by_key": c.by_key, "by_path": c.by_path, "by_version": c.by_version });
             return Ok(whole(json_response(StatusCode::OK, &stats)));
         }
         (&Method::POST, "/_demo/reset") => {
@@ -234,7 +258,7 @@ async fn handle(
     let key = header(&parts.headers, "idempotency-key")
         .or_else(|| header(&parts.headers, "repeatability-request-id"))
         .or_else(|| header(&parts.headers, "x-request-id"));
-    let (call, calls_for_key) = lock().count(&path, key.as_deref());
+    let (call, calls_for_key) = lock().count(&path, key.as_deref(), parts.version);
     let fail_first = header(&parts.headers, "x-demo-fail-first").and_then(|n| n.parse::<u64>().ok());
     if let (Some(n), Some(count)) = (fail_first, calls_for_key) {
         if count <= n {

@@ -18,3 +18,4 @@ pub mod host;
 pub mod metrics;
 pub mod runner;
 pub mod store;
+pub mod tls;

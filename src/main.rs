@@ -45,6 +45,12 @@ enum Command {
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: String,
+        /// Serve HTTPS with this certificate chain (PEM, leaf first).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -96,7 +102,9 @@ fn main() -> ExitCode {
         }),
         Command::Consume(args) => consumer_config(args)
             .and_then(|consumer| on_a_worker(&runtime, idem::consumer::run(consumer, shutdown_signal()))),
-        Command::DemoUpstream { listen } => runtime.block_on(demo_upstream(listen)),
+        Command::DemoUpstream { listen, tls_cert, tls_key } => {
+            runtime.block_on(demo_upstream(listen, tls_cert, tls_key))
+        }
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -144,16 +152,23 @@ fn consumer_config(args: idem::consumer::ConsumeArgs) -> Result<idem::consumer::
     Ok(consumer)
 }
 
-async fn demo_upstream(listen: String) -> Result<(), Error> {
+async fn demo_upstream(listen: String, cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<(), Error> {
+    let tls = match (cert, key) {
+        (Some(cert), Some(key)) => {
+            Some(std::sync::Arc::new(idem::tls::ServerTls::load(&cert, &key).map_err(|e| Error::BadInput(e.into()))?))
+        }
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| Error::failed(format!("cannot listen on {listen}"), e))?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     println!(
-        "idem demo upstream listening on http://{}",
+        "idem demo upstream listening on {scheme}://{}",
         listener.local_addr().map(|a| a.to_string()).unwrap_or(listen)
     );
     tokio::select! {
-        () = idem::demo::serve(listener) => {}
+        () = idem::demo::serve_with(listener, tls) => {}
         () = shutdown_signal() => {}
     }
     Ok(())

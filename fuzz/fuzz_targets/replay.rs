@@ -262,7 +262,7 @@ fn world() -> &'static World {
                 let raw: RawConfig = parse_toml(text).expect("a fuzz config parses");
                 let overrides = Overrides { upstream: Some(upstream.clone()), ..Default::default() };
                 let config = raw.validate(&overrides, &|_| None).expect("a fuzz config validates");
-                let gateway = Gateway::new(&config, store.clone());
+                let gateway = Gateway::new(&config, store.clone()).expect("the TLS roots load");
                 (Arc::new(gateway), RouteTable::new(config.routes))
             })
             .collect();

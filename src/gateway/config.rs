@@ -21,7 +21,7 @@ use crate::core::{FingerprintSpec, OnUnknown};
 pub struct RawConfig {
     /// Client listener, `HOST:PORT`.
     pub listen: Option<String>,
-    /// The protected API, `http://HOST:PORT[/prefix]`.
+    /// The protected API, `http[s]://HOST[:PORT][/prefix]`.
     pub upstream: Option<String>,
     /// Store URL.
     pub store: Option<String>,
@@ -282,9 +282,9 @@ fn socket_addr(s: &str) -> Result<SocketAddr, String> {
 fn upstream_uri(s: &str) -> Result<Uri, String> {
     let uri: Uri = s.parse().map_err(|e| format!("invalid URL {s:?}: {e}"))?;
     match (uri.scheme_str(), uri.authority()) {
-        (Some("http"), Some(_)) => Ok(uri),
+        (Some("http" | "https"), Some(_)) => Ok(uri),
         (Some(other), Some(_)) => {
-            Err(format!("scheme {other:?} is not supported; the upstream must be http://HOST:PORT"))
+            Err(format!("scheme {other:?} is not supported; the upstream must be http:// or https://HOST[:PORT]"))
         }
         _ => Err(format!("invalid URL {s:?}; write e.g. \"http://127.0.0.1:9000\"")),
     }

@@ -43,7 +43,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let admin_listener = host::bind(config.admin.listen, "admin").await?;
     let listen = listener.local_addr().map_err(|e| Error::failed("gateway listener", e))?;
     let admin_address = admin_listener.local_addr().map_err(|e| Error::failed("admin listener", e))?;
-    let gateway = Arc::new(Gateway::new(&config, store.clone()));
+    let gateway = Arc::new(Gateway::new(&config, store.clone()).map_err(|e| Error::BadInput(e.into()))?);
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(host::purge_loop(store.clone(), config.purge_interval, stop.clone()));
     let admin = crate::admin::Admin { store, metrics, token: config.admin.token.clone() };
@@ -67,7 +67,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, Some(peer)).await) }
         })
     };
-    host::listener::serve(listener, "gateway", limits, service, stopping.cancelled_owned()).await;
+    host::listener::serve(listener, "gateway", limits, None, service, stopping.cancelled_owned()).await;
     tracing::info!("shutting down: waiting for detached executions to record their outcomes");
     gateway.tasks().close();
     gateway.tasks().wait().await;

@@ -62,20 +62,20 @@ struct Identified {
 
 impl Gateway {
     /// The gateway `config` describes, on `store`.
-    pub fn new(config: &Config, store: Arc<dyn Store>) -> Self {
+    pub fn new(config: &Config, store: Arc<dyn Store>) -> Result<Self, crate::tls::Error> {
         let routes = RouteTable::new(config.routes.clone());
         let route_metrics = routes.iter().map(|r| RouteMetrics::new(&r.name)).collect();
-        Self {
+        Ok(Self {
             routes,
             store,
-            upstream: Upstream::new(config.upstream.clone()),
+            upstream: Upstream::new(config.upstream.clone())?,
             odata: config.odata,
             client_timeout: config.client_timeout,
             route_metrics,
             unrouted: RouteMetrics::new(""),
             store_metrics: StoreMetrics::default(),
             tasks: TaskTracker::new(),
-        }
+        })
     }
 
     /// The detached executions, for graceful shutdown.
@@ -302,8 +302,8 @@ impl Gateway {
             Ok(Err(UpstreamError::Lost(error))) => (Outcome::Unknown { error }, Problem::UpstreamBroken.response()),
             Ok(Ok((parts, bytes))) => answered(route, parts, bytes),
         };
-        if !matches!(outcome, Outcome::Completed(_)) {
-            tracing::warn!(route = %route.name, key_hash = %key::hash_for_logs(&record.id.key), status = outcome.status().as_str(), "upstream call did not complete");
+        if let Outcome::Retryable { error } | Outcome::Unknown { error } | Outcome::NeedsReview { error } = &outcome {
+            tracing::warn!(route = %route.name, key_hash = %key::hash_for_logs(&record.id.key), status = outcome.status().as_str(), %error, "upstream call did not complete");
         }
         let timer = &self.store_metrics.finish;
         owner::finish(self.store.as_ref(), &record.id, token, outcome, |took| timer.record(took.as_secs_f64())).await;
@@ -558,7 +558,7 @@ mod tests {
         let overrides = Overrides { upstream: Some(format!("http://{upstream}")), ..Overrides::default() };
         let config =
             parse_toml::<RawConfig>("client_timeout = \"5s\"").unwrap().validate(&overrides, &|_| None).unwrap();
-        Arc::new(Gateway::new(&config, store))
+        Arc::new(Gateway::new(&config, store).unwrap())
     }
 
     fn post(key: &str) -> Request<Full<Bytes>> {

@@ -1,6 +1,8 @@
-//! The connection to the protected API: a pooled HTTP/1.1 client, URI rewriting,
-//! hop-by-hop header handling, and the one distinction idempotency depends on — was the
-//! request sent or not?
+//! The connection to the protected API: a pooled client (HTTP/1.1, or HTTP/2 where an
+//! `https://` upstream offers it by ALPN; TLS from [`crate::tls`], always verified), URI
+//! rewriting, hop-by-hop header handling, and the one distinction idempotency depends on —
+//! was the request sent or not? A TLS handshake that fails is "not sent": the request
+//! never left.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,6 +11,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -41,25 +44,33 @@ fn never_written(error: &(dyn std::error::Error + 'static)) -> bool {
 /// The pooled upstream client.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
     base: Uri,
     /// The base URI's path without a trailing slash ("" for none), prefixed to every path.
     prefix: String,
 }
 
 impl Upstream {
-    /// A client for `base` (`http://HOST:PORT[/prefix]`).
-    pub fn new(base: Uri) -> Self {
+    /// A client for `base` (`http://` or `https://HOST[:PORT][/prefix]`). Fails only when
+    /// the TLS roots cannot be loaded (an unreadable `SSL_CERT_FILE`).
+    pub fn new(base: Uri) -> Result<Self, crate::tls::Error> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         connector.set_keepalive(Some(Duration::from_secs(60)));
+        // The TCP connector must accept https:// URIs; the TLS layer wraps them.
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(crate::tls::client_config()?.as_ref().clone())
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(1024)
             .build(connector);
         let prefix = base.path().trim_end_matches('/').to_owned();
-        Self { client, base, prefix }
+        Ok(Self { client, base, prefix })
     }
 
     /// The upstream URI for a request URI.
@@ -158,10 +169,10 @@ mod tests {
 
     #[test]
     fn targets_keep_path_and_query_under_the_prefix() {
-        let up = Upstream::new("http://127.0.0.1:9000/api/".parse().unwrap());
+        let up = Upstream::new("http://127.0.0.1:9000/api/".parse().unwrap()).unwrap();
         let t = up.target(&"/v1/orders?x=1".parse().unwrap());
         assert_eq!(t.to_string(), "http://127.0.0.1:9000/api/v1/orders?x=1");
-        let bare = Upstream::new("http://127.0.0.1:9000".parse().unwrap());
+        let bare = Upstream::new("http://127.0.0.1:9000".parse().unwrap()).unwrap();
         assert_eq!(bare.target(&"/a".parse().unwrap()).to_string(), "http://127.0.0.1:9000/a");
     }
 

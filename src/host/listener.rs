@@ -1,6 +1,7 @@
 //! Serving HTTP on a listener, for the gateway and every admin API: HTTP/1.1 and HTTP/2
-//! (prior knowledge) on one port, a cap on open connections, a header read timeout
-//! against slow clients, and graceful shutdown.
+//! (prior knowledge, or ALPN under TLS) on one port, TLS when a certificate is given, a
+//! cap on open connections, a header read timeout against slow clients (it also bounds a
+//! TLS handshake), and graceful shutdown.
 //!
 //! Past `max_connections` the listener stops accepting: a new connection waits in the
 //! kernel's listen backlog (its TCP handshake completes, its request is not read) until an
@@ -21,6 +22,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::tls::ServerTls;
+
 /// A listener's limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -35,13 +38,14 @@ pub struct Limits {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Serves `listener` until `shutdown` resolves; `service` makes the service of each
-/// connection from its peer's address. Then it stops accepting and lets the open
-/// connections finish their requests, for up to `limits.grace`.
+/// Serves `listener` until `shutdown` resolves, over TLS when `tls` is given; `service`
+/// makes the service of each connection from its peer's address. Then it stops accepting
+/// and lets the open connections finish their requests, for up to `limits.grace`.
 pub async fn serve<S, B>(
     listener: TcpListener,
     name: &'static str,
     limits: Limits,
+    tls: Option<Arc<ServerTls>>,
     service: impl Fn(SocketAddr) -> S,
     shutdown: impl Future<Output = ()>,
 ) where
@@ -94,14 +98,40 @@ pub async fn serve<S, B>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let connection = builder.serve_connection(TokioIo::new(stream), service(peer)).into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(listener = name, %error, "client connection ended with an error");
+        let service = service(peer);
+        match &tls {
+            None => {
+                let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(listener = name, %error, "client connection ended with an error");
+                    }
+                    drop(slot);
+                });
             }
-            drop(slot);
-        });
+            Some(tls) => {
+                // The handshake runs in the connection's task, so a slow client never holds
+                // up the accept loop; it gets the header read timeout to finish.
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+                let (builder, watcher) = (builder.clone(), graceful.watcher());
+                tokio::spawn(async move {
+                    let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
+                    let stream = match handshake {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            return tracing::debug!(listener = name, %peer, %error, "TLS handshake failed");
+                        }
+                        Err(_) => return tracing::debug!(listener = name, %peer, "TLS handshake timed out"),
+                    };
+                    let connection =
+                        watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                    if let Err(error) = connection.await {
+                        tracing::debug!(listener = name, %error, "client connection ended with an error");
+                    }
+                    drop(slot);
+                });
+            }
+        }
     }
     drop(listener);
     if tokio::time::timeout(limits.grace, graceful.shutdown()).await.is_err() {

@@ -87,6 +87,6 @@ pub fn serve_admin(
             let router = router.clone();
             hyper::service::service_fn(move |request| router.clone().oneshot(request))
         };
-        listener::serve(listener, "admin", limits, service, stop.cancelled_owned()).await;
+        listener::serve(listener, "admin", limits, None, service, stop.cancelled_owned()).await;
     })
 }

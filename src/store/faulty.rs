@@ -233,7 +233,7 @@ mod tests {
     fn gateway(store: Arc<dyn Store>, upstream: SocketAddr) -> Arc<Gateway> {
         let overrides = Overrides { upstream: Some(format!("http://{upstream}")), ..Overrides::default() };
         let config = parse_toml::<RawConfig>(ROUTES).unwrap().validate(&overrides, &|_| None).unwrap();
-        Arc::new(Gateway::new(&config, store))
+        Arc::new(Gateway::new(&config, store).unwrap())
     }
 
     fn post(key: &str, body: &'static str) -> Request<Full<Bytes>> {

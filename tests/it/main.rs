@@ -21,4 +21,5 @@ mod security;
 mod shared_stores;
 mod support;
 mod tenants;
+mod tls;
 mod transport;

@@ -118,6 +118,9 @@ pub fn closed_port_url() -> String {
 pub struct Upstream {
     child: Child,
     url: String,
+    /// Where the test reads the counts: the URL, or under TLS the same port by the name
+    /// `localhost` (which every test certificate names).
+    stats_base: String,
     _dir: TempDir,
     http: reqwest::Client,
 }
@@ -125,24 +128,37 @@ pub struct Upstream {
 impl Upstream {
     /// Starts a demo upstream on a free port.
     pub async fn start() -> Upstream {
+        Upstream::spawn(&[], client()).await
+    }
+
+    /// Starts a demo upstream serving HTTPS with `certificate` (HTTP/2 or HTTP/1.1 by ALPN),
+    /// which must name `localhost`; the test reads its counts by that name, trusting `trusted`.
+    pub async fn start_tls(certificate: &Certificate, trusted: &Authority) -> Upstream {
+        let tls = ["--tls-cert", certificate.chain_path(), "--tls-key", certificate.key_path()];
+        let mut upstream = Upstream::spawn(&tls, trusted.client()).await;
+        upstream.stats_base = upstream.url.replace("127.0.0.1", "localhost");
+        upstream
+    }
+
+    async fn spawn(args: &[&str], http: reqwest::Client) -> Upstream {
         let dir = tempfile::tempdir().expect("a temp dir");
         let mut command = idem();
-        command.args(["demo-upstream", "--listen", "127.0.0.1:0"]);
+        command.args(["demo-upstream", "--listen", "127.0.0.1:0"]).args(args);
         let prefix = "idem demo upstream listening on ";
         let (child, line) =
             spawn_until_ready(command, &dir.path().join("demo.stdout"), &dir.path().join("demo.stderr"), prefix).await;
         let url = line[prefix.len()..].trim_end_matches('/').to_owned();
-        Upstream { child, url, _dir: dir, http: client() }
+        Upstream { child, stats_base: url.clone(), url, _dir: dir, http }
     }
 
-    /// The base URL, `http://127.0.0.1:PORT`.
+    /// The base URL, `http://127.0.0.1:PORT` (`https://` when it serves TLS).
     pub fn url(&self) -> String {
         self.url.clone()
     }
 
     /// `GET /_demo/stats`.
     pub async fn stats(&self) -> Value {
-        let reply = send(self.http.get(format!("{}/_demo/stats", self.url))).await;
+        let reply = send(self.http.get(format!("{}/_demo/stats", self.stats_base))).await;
         assert_eq!(reply.status, 200, "demo stats: {reply:?}");
         reply.json()
     }
@@ -675,5 +691,75 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.acceptor.abort();
         self.cut();
+    }
+}
+
+/// A certificate authority made for one test: its certificate in a PEM file (what
+/// `SSL_CERT_FILE` names), and the leaf certificates it signs.
+pub struct Authority {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: String,
+    dir: TempDir,
+}
+
+/// A leaf certificate and its key, in PEM files.
+pub struct Certificate {
+    chain: String,
+    key: String,
+}
+
+impl Authority {
+    /// A new CA with a name of its own.
+    pub fn new(name: &str) -> Authority {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        params.distinguished_name.push(rcgen::DnType::CommonName, format!("idem test CA {name}"));
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().expect("a CA key");
+        let certificate = params.self_signed(&key).expect("a CA certificate");
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let pem = certificate.pem();
+        std::fs::write(dir.path().join("ca.pem"), &pem).expect("the CA file is written");
+        Authority { issuer: rcgen::Issuer::new(params, key), pem, dir }
+    }
+
+    /// The CA's PEM file.
+    pub fn pem_path(&self) -> String {
+        self.dir.path().join("ca.pem").display().to_string()
+    }
+
+    /// A leaf certificate for `names` (DNS names or IP addresses), signed by this CA.
+    pub fn issue(&self, names: &[&str]) -> Certificate {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let params = rcgen::CertificateParams::new(names.clone()).expect("leaf parameters");
+        let key = rcgen::KeyPair::generate().expect("a leaf key");
+        let leaf = params.signed_by(&key, &self.issuer).expect("a leaf certificate");
+        let stem = names.join("+").replace(['.', ':'], "_");
+        let chain = self.dir.path().join(format!("{stem}.pem"));
+        let key_path = self.dir.path().join(format!("{stem}.key"));
+        std::fs::write(&chain, leaf.pem()).expect("the certificate is written");
+        std::fs::write(&key_path, key.serialize_pem()).expect("the key is written");
+        Certificate { chain: chain.display().to_string(), key: key_path.display().to_string() }
+    }
+
+    /// An HTTP client that trusts this CA.
+    pub fn client(&self) -> reqwest::Client {
+        let root = reqwest::Certificate::from_pem(self.pem.as_bytes()).expect("the CA parses");
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .add_root_certificate(root)
+            .build()
+            .expect("a client")
+    }
+}
+
+impl Certificate {
+    /// The certificate's PEM file.
+    pub fn chain_path(&self) -> &str {
+        &self.chain
+    }
+
+    /// The key's PEM file.
+    pub fn key_path(&self) -> &str {
+        &self.key
     }
 }

@@ -1,0 +1,79 @@
+//! TLS as a user meets it (SPEC §4 "Reach"): a gateway in front of an HTTPS API whose
+//! certificate comes from a private CA trusted through `SSL_CERT_FILE`, HTTP/2 by ALPN,
+//! and verification that is never skipped — an untrusted certificate or one for another
+//! host is "not sent": 502, the record released, the upstream untouched.
+
+use serde_json::json;
+
+use crate::support::{Authority, Gateway, Upstream, assert_problem, client, send};
+
+#[tokio::test]
+async fn an_https_upstream_with_a_private_ca_is_protected_and_spoken_to_over_http2() {
+    let ca = Authority::new("private");
+    let upstream = Upstream::start_tls(&ca.issue(&["127.0.0.1", "localhost"]), &ca).await;
+    assert!(upstream.url().starts_with("https://"), "{}", upstream.url());
+    let gateway = Gateway::builder(&upstream.url(), "").env("SSL_CERT_FILE", &ca.pem_path()).start().await;
+
+    let order =
+        || client().post(gateway.url("/orders")).header("Idempotency-Key", "tls-1").json(&json!({ "amount": 5 }));
+    let first = send(order()).await;
+    assert_eq!(first.status, 201, "{first:?}");
+    let retry = send(order()).await;
+    assert_eq!(retry.status, 201, "{retry:?}");
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.text(), first.text());
+    assert_eq!(upstream.calls_for("tls-1").await, 1);
+    let stats = upstream.stats().await;
+    assert_eq!(stats["by_version"]["HTTP/2.0"], 1, "the upstream offered h2 by ALPN: {stats}");
+
+    // A host name in the URL is verified as well as an IP address.
+    let by_name = upstream.url().replace("127.0.0.1", "localhost");
+    let named = Gateway::builder(&by_name, "").env("SSL_CERT_FILE", &ca.pem_path()).start().await;
+    let reply = send(client().post(named.url("/orders")).header("Idempotency-Key", "tls-2").json(&json!({}))).await;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    assert_eq!(upstream.calls_for("tls-2").await, 1);
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_not_sent_and_the_retry_executes_once_trusted() {
+    let ca = Authority::new("unknown to the gateway");
+    let upstream = Upstream::start_tls(&ca.issue(&["127.0.0.1", "localhost"]), &ca).await;
+    let mut gateway = Gateway::start(&upstream.url(), "").await;
+    let order = || client().post(gateway.url("/orders")).header("Idempotency-Key", "untrusted").json(&json!({}));
+
+    let refused = send(order()).await;
+    assert_problem(&refused, 502, "upstream-unavailable");
+    assert_eq!(upstream.calls().await, 0, "nothing reached the upstream");
+    let record = gateway.record("default", "untrusted").await.expect("a record");
+    assert_eq!(record["status"], "failed_retryable", "released, so a retry is safe: {record}");
+    assert!(gateway.logs().contains("certificate"), "the log says why: {}", gateway.logs());
+
+    gateway.terminate().await;
+    let mut trusting = Gateway::builder(&upstream.url(), "").env("SSL_CERT_FILE", &ca.pem_path());
+    trusting = trusting.store(gateway.store_url());
+    let gateway = trusting.start().await;
+    let order = || client().post(gateway.url("/orders")).header("Idempotency-Key", "untrusted").json(&json!({}));
+    let executed = send(order()).await;
+    assert_eq!(executed.status, 201, "{executed:?}");
+    assert_eq!(upstream.calls_for("untrusted").await, 1);
+}
+
+#[tokio::test]
+async fn a_certificate_for_another_host_is_refused() {
+    // The certificate names localhost; the gateway is told to reach 127.0.0.1.
+    let ca = Authority::new("right CA, wrong name");
+    let upstream = Upstream::start_tls(&ca.issue(&["localhost"]), &ca).await;
+    let gateway = Gateway::builder(&upstream.url(), "").env("SSL_CERT_FILE", &ca.pem_path()).start().await;
+    let reply =
+        send(client().post(gateway.url("/orders")).header("Idempotency-Key", "elsewhere").json(&json!({}))).await;
+    assert_problem(&reply, 502, "upstream-unavailable");
+    assert_eq!(upstream.calls().await, 0, "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn an_unreadable_ssl_cert_file_is_bad_input() {
+    let (status, stderr) =
+        Gateway::builder("https://127.0.0.1:1", "").env("SSL_CERT_FILE", "/nonexistent/ca.pem").expect_exit().await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("/nonexistent/ca.pem") && stderr.contains("SSL_CERT_FILE"), "{stderr}");
+}

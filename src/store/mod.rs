@@ -1,8 +1,11 @@
 //! Where records live: one small object-safe trait, chosen once at start-up from a URL.
 //!
-//! Every backend runs the decision of [`crate::core::decide`] inside its own atomic
+//! Every backend's `claim` is [`crate::core::plan_claim`] run inside its own atomic
 //! section, so two concurrent identical intents never both execute, whatever the store.
-//! Every backend passes [`conformance`].
+//! The fencing and expiry rules are the core's too (`Record::is_owned_by`,
+//! `Record::is_expired`); where a backend must restate one in SQL or Lua, the twin is
+//! checked against the core case by case ([`conformance`]'s `rule_tests!`). Every backend
+//! passes [`conformance`].
 
 use std::sync::Arc;
 
@@ -10,7 +13,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::core::{
-    ClaimPolicy, Decision, Intent, LeaseToken, Millis, NotResolvable, Outcome, Record, RecordId, Resolution, Status,
+    ClaimPolicy, Decision, Intent, LeaseToken, Millis, NotResolvable, Outcome, Plan, Record, RecordId, Resolution,
+    Status,
 };
 
 pub mod conformance;
@@ -75,6 +79,15 @@ pub struct Claim {
     pub record: Option<Record>,
     /// The caller's lease token, present exactly when the decision executes.
     pub token: Option<LeaseToken>,
+}
+
+impl Claim {
+    /// The answer to a claim once the backend persisted `plan` (made by
+    /// [`crate::core::plan_claim`] on `existing`).
+    pub fn planned(plan: Plan, existing: Option<Record>) -> Self {
+        let (decision, token) = (plan.decision, plan.token);
+        Self { decision, record: plan.into_record(existing), token }
+    }
 }
 
 /// A page of records, newest first.

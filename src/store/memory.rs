@@ -107,5 +107,15 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 mod tests {
-    crate::conformance_tests!(crate::store::memory::MemoryStore::default());
+    use super::*;
+
+    crate::conformance_tests!(MemoryStore::default());
+    crate::rule_tests!(MemoryStore::default());
+
+    #[async_trait]
+    impl crate::store::conformance::Seed for MemoryStore {
+        async fn seed(&self, record: &Record) {
+            self.lock().insert(record.id.clone(), record.clone());
+        }
+    }
 }

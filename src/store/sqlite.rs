@@ -369,8 +369,11 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, Error>> {
 /// `finish`. Checked against the core by `rule_tests!`.
 const OWNED: &str = "scope = ?1 AND tenant = ?2 AND key = ?3 AND status = 'in_progress' AND lease_token = ?4";
 
-/// The SQL twin of [`Record::is_expired`] at `?1`: what `purge_expired` deletes.
-const EXPIRED: &str = "expires_at <= ?1 AND NOT (status = 'in_progress' AND locked_until > ?1)";
+/// The SQL twin of [`Record::is_expired`] at `?1`: what `purge_expired` deletes. A row with
+/// no `locked_until` has no live lease: `coalesce`, since comparing NULL would keep an
+/// `in_progress` row without a lease forever (as this store once did), while a claim
+/// already treated it as expired. Checked against the core by `rule_tests!`.
+const EXPIRED: &str = "expires_at <= ?1 AND NOT (status = 'in_progress' AND coalesce(locked_until > ?1, 0))";
 
 /// Ends the lease `token` holds with `outcome`: one guarded `UPDATE`, setting the same
 /// fields [`Outcome::apply`] sets. `false` when `token` no longer owns the record.
@@ -592,13 +595,25 @@ fn list(conn: &Connection, query: &ListQuery) -> Result<Page, Error> {
 mod tests {
     use super::*;
 
-    crate::conformance_tests!({
+    /// A store on a file of its own.
+    async fn scratch() -> SqliteStore {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("idem.db");
         // The directory must outlive the store; tests are short, so leak it.
         std::mem::forget(dir);
         SqliteStore::open(Options { path, synchronous: Synchronous::Normal }).await.unwrap()
-    });
+    }
+
+    crate::conformance_tests!(scratch().await);
+    crate::rule_tests!(scratch().await);
+
+    #[async_trait]
+    impl crate::store::conformance::Seed for SqliteStore {
+        async fn seed(&self, record: &Record) {
+            let record = record.clone();
+            self.write(move |conn| save(conn, &record)).await.unwrap();
+        }
+    }
 
     #[test]
     fn url_options() {

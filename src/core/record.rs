@@ -300,20 +300,9 @@ mod tests {
     const NOW: Millis = 1_000_000;
 
     fn record(status: Status, expires_in: Millis, lease_in: Option<Millis>) -> Record {
-        Record {
-            id: RecordId::new("orders", "t1", "k1"),
-            fingerprint: Fingerprint([1; 32]),
-            status,
-            lease: lease_in.map(|d| Lease { token: 7, locked_until: NOW + d }),
-            response: None,
-            created_at: NOW - 10,
-            last_seen_at: NOW - 10,
-            expires_at: NOW + expires_in,
-            replay_count: 0,
-            attempt_count: 1,
-            correlation_id: None,
-            error_summary: None,
-        }
+        let blank = Outcome::Retryable { error: String::new() }.applied_to_blank(RecordId::new("s", "t", "k"), NOW);
+        let lease = lease_in.map(|d| Lease { token: 7, locked_until: NOW + d });
+        Record { status, lease, expires_at: NOW + expires_in, ..blank }
     }
 
     fn arb_status() -> impl Strategy<Value = Status> {

@@ -170,14 +170,16 @@ pub struct StatRow {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Decides an intent (SPEC §2) and persists what the decision changes, atomically:
-    /// a claim is durable before this returns `Execute`.
+    /// [`crate::core::plan_claim`] on the stored record, its transition persisted in one
+    /// atomic section. A claim is durable before this returns `Execute`.
     async fn claim(&self, intent: &Intent, policy: ClaimPolicy) -> Result<Claim, Error>;
 
-    /// Extends a lease. `false` when `token` no longer owns the record (fencing).
+    /// Extends a lease, as [`Record::renew`] does. `false` when `token` no longer owns the
+    /// record ([`Record::is_owned_by`]: fencing).
     async fn renew(&self, id: &RecordId, token: LeaseToken, locked_until: Millis) -> Result<bool, Error>;
 
-    /// Ends a lease with its outcome. `false` when `token` no longer owns the record: a
-    /// stale owner can never complete.
+    /// Ends a lease with its outcome, as [`Record::finish`] does. `false` when `token` no
+    /// longer owns the record: a stale owner can never complete.
     async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome, now: Millis) -> Result<bool, Error>;
 
     /// One record.
@@ -202,7 +204,8 @@ pub trait Store: Send + Sync + 'static {
     /// Settles an `outcome_unknown` (or `needs_review`) record.
     async fn resolve(&self, id: &RecordId, resolution: Resolution, now: Millis) -> Result<Record, Error>;
 
-    /// Removes up to `limit` expired records; returns how many.
+    /// Removes up to `limit` records that [`Record::is_expired`] calls expired at `now`, and
+    /// nothing else; returns how many.
     async fn purge_expired(&self, now: Millis, limit: usize) -> Result<u64, Error>;
 
     /// Counts by scope and status.

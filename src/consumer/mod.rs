@@ -40,7 +40,7 @@ use self::config::{Broker, Consumer, MessageId};
 use self::guard::{Check, VersionGuard};
 use crate::backoff::Backoff;
 use crate::core::units::millis;
-use crate::core::{ClaimPolicy, Decision, Fingerprint, Intent, Outcome, RecordId};
+use crate::core::{ClaimPolicy, Decision, Fingerprint, Intent, Outcome, RecordId, decide_again};
 use crate::host::{self, Error};
 use crate::runner::engine::{Attempts, Engine, Keys, unknown_is_safe};
 use crate::runner::flow::{Flow, SourceInput, SourceSpec};
@@ -332,13 +332,16 @@ impl Handler {
         (label, disposition)
     }
 
-    /// True when every step of the message has completed (a redelivery or a copy).
+    /// True when every step of the message has its answer (a redelivery or a copy): the
+    /// decision table says a claim of each step's record would replay it.
     async fn already_delivered(&self, id: &str) -> Result<bool, store::Error> {
         let now = now_millis();
         for scope in &self.scopes {
             let record = self.store.get(&RecordId::new(scope.clone(), "", id)).await?;
-            let done = record.is_some_and(|r| r.status == crate::core::Status::Completed && !r.is_expired(now));
-            if !done {
+            // A step's policy never turns a record into a replay (it only picks between
+            // re-executing and review for an unknown outcome), so the default serves all.
+            let answered = record.is_some_and(|r| decide_again(&r, now, ClaimPolicy::default()).answered());
+            if !answered {
                 return Ok(false);
             }
         }

@@ -1,8 +1,9 @@
 //! The decision table of SPEC §2, once, for every path and every store.
 //!
-//! A store calls [`decide`] and then [`transition`] inside its own atomic section (a
-//! mutex, a single writer thread, a database transaction), so the table is enforced the
-//! same way whatever the backend.
+//! A store calls [`plan_claim`] inside its own atomic section (a mutex, a single writer
+//! thread, a compare-and-swap) and persists the [`Plan`]'s transition, so the table is
+//! enforced the same way whatever the backend. Read-only paths (a dry run, a ledger check,
+//! a consumer's duplicate check) ask [`decide`] alone: it is the same table.
 
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +99,12 @@ impl Decision {
     pub fn executes(self) -> bool {
         matches!(self, Decision::Execute(_))
     }
+
+    /// True when the intent already has its final answer: replayed, or completed with an
+    /// answer too large to keep. Nothing executes, and nothing is left to do.
+    pub fn answered(self) -> bool {
+        matches!(self, Decision::Replay | Decision::NotRetained)
+    }
 }
 
 /// Decides what an intent does, given what the store holds for its key.
@@ -132,6 +139,62 @@ pub fn decide(existing: Option<&Record>, intent: &Intent, policy: ClaimPolicy) -
     }
 }
 
+/// What a claim does: the decision, the caller's lease token, and what the store must
+/// persist before it answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// What the caller must do.
+    pub decision: Decision,
+    /// The caller's lease token: present exactly when the decision executes.
+    pub token: Option<LeaseToken>,
+    /// What the store persists.
+    pub transition: Transition,
+}
+
+impl Plan {
+    /// The record the claim leaves behind: the one written or touched, else `existing` as
+    /// it was (what the caller is answered with).
+    pub fn into_record(self, existing: Option<Record>) -> Option<Record> {
+        match self.transition {
+            Transition::None => existing,
+            Transition::Touch(record) | Transition::Write(record) => Some(record),
+        }
+    }
+}
+
+/// Plans a claim: [`decide`], a fresh lease token from `new_token` when the decision
+/// executes (and only then), and the [`Transition`] to persist. Every store's `claim` is
+/// this call plus persisting the transition atomically; none decides on its own.
+pub fn plan_claim(
+    existing: Option<&Record>,
+    intent: &Intent,
+    policy: ClaimPolicy,
+    new_token: impl FnOnce() -> LeaseToken,
+) -> Plan {
+    let decision = decide(existing, intent, policy);
+    let token = decision.executes().then(new_token);
+    // A decision that does not execute hands out no lease, so the placeholder is never stored.
+    let transition = transition(decision, existing, intent, token.unwrap_or(0), policy);
+    Plan { decision, token, transition }
+}
+
+/// What a claim would decide for the very request `existing` was stored for (a redelivered
+/// message, a copy of one): read-only, so there is nothing to plan. The payload is the
+/// stored one, so `on_change` plays no part; `on_unknown` only chooses between executing
+/// again and waiting for review.
+pub fn decide_again(existing: &Record, now: Millis, policy: ClaimPolicy) -> Decision {
+    let intent = Intent {
+        id: existing.id.clone(),
+        fingerprint: existing.fingerprint,
+        now,
+        // Read by the transition only, which a read-only decision never makes.
+        ttl_ms: 0,
+        lease_ms: 0,
+        correlation_id: None,
+    };
+    decide(Some(existing), &intent, policy)
+}
+
 /// What a store must persist after a decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transition {
@@ -147,7 +210,9 @@ pub enum Transition {
 /// The record a decision leaves behind. `token` is the fresh lease token the store
 /// generated for the caller; it is used only when the decision executes.
 /// `policy` is the one the decision was made with (it says whether a replay is counted).
-pub fn transition(
+/// Private: stores reach it only through [`plan_claim`], so a decision and its token
+/// can never be paired by hand.
+fn transition(
     decision: Decision,
     existing: Option<&Record>,
     intent: &Intent,
@@ -342,6 +407,51 @@ mod tests {
             };
             prop_assert_eq!(decision.executes(), leased);
         }
+    }
+
+    proptest! {
+        /// `plan_claim` asks for a token exactly when the decision executes, hands it to
+        /// the caller, and plans the transition made with it.
+        #[test]
+        fn a_plan_takes_a_token_only_to_execute(
+            status in arb_status(), fp in 0u8..3, expires_in in -1_000i64..1_000,
+            lease_in in prop::option::of(-1_000i64..1_000), retry in any::<bool>(), absent in any::<bool>(),
+        ) {
+            let existing = (!absent).then(|| record(status, fp, expires_in, lease_in, true));
+            let policy = ClaimPolicy { on_unknown: if retry { OnUnknown::Retry } else { OnUnknown::Review }, ..ClaimPolicy::default() };
+            let asked = std::cell::Cell::new(0);
+            let plan = plan_claim(existing.as_ref(), &intent(1), policy, || { asked.set(asked.get() + 1); 42 });
+            let decision = decide(existing.as_ref(), &intent(1), policy);
+            prop_assert_eq!(plan.decision, decision);
+            prop_assert_eq!(asked.get(), usize::from(decision.executes()));
+            prop_assert_eq!(plan.token, decision.executes().then_some(42));
+            prop_assert_eq!(plan.transition, transition(decision, existing.as_ref(), &intent(1), 42, policy));
+        }
+
+        /// A redelivery's check: the table answers it exactly for a completed record that
+        /// has not expired, whatever the policy.
+        #[test]
+        fn asking_again_is_answered_only_by_a_live_completed_record(
+            status in arb_status(), expires_in in -1_000i64..1_000, lease_in in prop::option::of(-1_000i64..1_000),
+            retained in any::<bool>(), retry in any::<bool>(),
+        ) {
+            let existing = record(status, 1, expires_in, lease_in, retained);
+            let policy = ClaimPolicy { on_unknown: if retry { OnUnknown::Retry } else { OnUnknown::Review }, ..ClaimPolicy::default() };
+            let answered = decide_again(&existing, NOW, policy).answered();
+            prop_assert_eq!(answered, status == Status::Completed && !existing.is_expired(NOW));
+        }
+    }
+
+    #[test]
+    fn a_plan_leaves_the_written_record_or_the_existing_one() {
+        let existing = record(Status::Completed, 1, 1_000, None, true);
+        let ignore = ClaimPolicy { replays: Replays::Ignore, ..ClaimPolicy::default() };
+        let replay = plan_claim(Some(&existing), &intent(1), ignore, || unreachable!("a replay takes no token"));
+        assert_eq!(replay.into_record(Some(existing.clone())), Some(existing.clone()));
+        let claimed = plan_claim(None, &intent(1), ClaimPolicy::default(), || 5);
+        let left = claimed.clone().into_record(None).expect("a claim writes a record");
+        assert_eq!((left.status, left.lease.map(|l| l.token)), (Status::InProgress, Some(5)));
+        assert_eq!(claimed.transition, Transition::Write(left));
     }
 
     #[test]

@@ -11,8 +11,8 @@ pub mod record;
 pub mod units;
 
 pub use decision::{
-    ClaimPolicy, Decision, ExecuteReason, NotResolvable, OnChange, OnUnknown, Replays, Resolution, Transition, decide,
-    is_final_status, resolve, transition,
+    ClaimPolicy, Decision, ExecuteReason, NotResolvable, OnChange, OnUnknown, Plan, Replays, Resolution, Transition,
+    decide, decide_again, is_final_status, plan_claim, resolve,
 };
 pub use fingerprint::{Fingerprint, FingerprintSpec};
 pub use record::{Intent, Lease, LeaseToken, Millis, Outcome, Record, RecordId, Status, StoredResponse};

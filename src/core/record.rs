@@ -135,19 +135,63 @@ pub struct Record {
     pub error_summary: Option<String>,
 }
 
+/// The rules every store applies to a stored record, stated once. Backends whose
+/// operation must run as SQL or Lua restate one of them (each restatement names the rule it
+/// mirrors), and `store::conformance::rule_tests!` checks every such twin against these
+/// functions, record shape by record shape.
 impl Record {
-    /// True when the record no longer counts: past its expiry, unless an owner still holds a
-    /// live lease on it (an action that outlives its TTL must not be claimed twice).
-    pub fn is_expired(&self, now: Millis) -> bool {
-        if self.expires_at > now {
-            return false;
+    /// The instant after which the record no longer counts: its expiry, or the end of a
+    /// live lease when that is later (an action that outlives its TTL must not be claimed
+    /// twice). Redis indexes and expires records by this instant.
+    pub fn deadline(&self) -> Millis {
+        match (self.status, self.lease) {
+            (Status::InProgress, Some(lease)) => self.expires_at.max(lease.locked_until),
+            _ => self.expires_at,
         }
-        !matches!((self.status, self.lease), (Status::InProgress, Some(lease)) if lease.locked_until > now)
     }
 
-    /// True when an owner holds a lease that has not run out.
+    /// True when the record no longer counts: its [`deadline`](Self::deadline) has passed.
+    /// A claim treats an expired record as absent (SPEC §2, "nothing, or an expired
+    /// record"), so `purge_expired` deletes exactly the records this says are expired, and
+    /// nothing else. An `in_progress` record without a lease has no owner that could ever
+    /// finish it, so it expires like any other.
+    pub fn is_expired(&self, now: Millis) -> bool {
+        self.deadline() <= now
+    }
+
+    /// True when an owner holds a lease that has not run out (`locked_until` is the first
+    /// instant the owner is presumed dead).
     pub fn lease_alive(&self, now: Millis) -> bool {
         self.status == Status::InProgress && self.lease.is_some_and(|l| l.locked_until > now)
+    }
+
+    /// True when `token` is the current lease token: the fencing rule of `renew` and
+    /// `finish`. It holds whether or not the lease has run out, as long as nobody took the
+    /// record over (a claim that finds the lease dead clears it), so a slow owner that
+    /// comes back in time still records its outcome.
+    pub fn is_owned_by(&self, token: LeaseToken) -> bool {
+        self.status == Status::InProgress && self.lease.is_some_and(|l| l.token == token)
+    }
+
+    /// Extends the lease `token` holds to `locked_until`: the pure half of `Store::renew`.
+    /// `false`, changing nothing, when `token` does not own the record.
+    pub fn renew(&mut self, token: LeaseToken, locked_until: Millis) -> bool {
+        if !self.is_owned_by(token) {
+            return false;
+        }
+        self.lease = self.lease.map(|lease| Lease { locked_until, ..lease });
+        true
+    }
+
+    /// Ends the lease `token` holds with `outcome`: the pure half of `Store::finish`.
+    /// `false`, changing nothing, when `token` does not own the record (a stale owner can
+    /// never complete).
+    pub fn finish(&mut self, token: LeaseToken, outcome: Outcome, now: Millis) -> bool {
+        if !self.is_owned_by(token) {
+            return false;
+        }
+        outcome.apply(self, now);
+        true
     }
 }
 
@@ -244,5 +288,69 @@ impl Outcome {
                 record.error_summary = Some(error);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const NOW: Millis = 1_000_000;
+
+    fn record(status: Status, expires_in: Millis, lease_in: Option<Millis>) -> Record {
+        let blank = Outcome::Retryable { error: String::new() }.applied_to_blank(RecordId::new("s", "t", "k"), NOW);
+        let lease = lease_in.map(|d| Lease { token: 7, locked_until: NOW + d });
+        Record { status, lease, expires_at: NOW + expires_in, ..blank }
+    }
+
+    fn arb_status() -> impl Strategy<Value = Status> {
+        prop::sample::select(Status::ALL.to_vec())
+    }
+
+    proptest! {
+        /// SPEC §2's "expired record": past its expiry, and no owner holds a live lease.
+        #[test]
+        fn expired_means_past_expiry_without_a_live_lease(
+            status in arb_status(), expires_in in -3i64..3, lease_in in prop::option::of(-3i64..3),
+        ) {
+            let r = record(status, expires_in, lease_in);
+            prop_assert_eq!(r.is_expired(NOW), r.expires_at <= NOW && !r.lease_alive(NOW));
+        }
+
+        /// Only the current token of an `in_progress` record renews or finishes it, and a
+        /// refused one changes nothing.
+        #[test]
+        fn only_the_owner_renews_or_finishes(
+            status in arb_status(), lease_in in prop::option::of(-3i64..3), token in 6u64..9,
+        ) {
+            let r = record(status, 100, lease_in);
+            let owned = status == Status::InProgress && lease_in.is_some() && token == 7;
+            prop_assert_eq!(r.is_owned_by(token), owned);
+            let mut renewed = r.clone();
+            prop_assert_eq!(renewed.renew(token, NOW + 50), owned);
+            let expected = if owned { Some(Lease { token: 7, locked_until: NOW + 50 }) } else { r.lease };
+            prop_assert_eq!(renewed.lease, expected);
+            let mut finished = r.clone();
+            prop_assert_eq!(finished.finish(token, Outcome::Retryable { error: "e".into() }, NOW), owned);
+            prop_assert_eq!(finished.status, if owned { Status::FailedRetryable } else { status });
+        }
+    }
+
+    #[test]
+    fn an_in_progress_record_without_a_lease_expires() {
+        assert!(record(Status::InProgress, 0, None).is_expired(NOW));
+        assert!(!record(Status::InProgress, 1, None).is_expired(NOW));
+    }
+
+    #[test]
+    fn a_live_lease_outlives_the_expiry() {
+        let held = record(Status::InProgress, -5, Some(5));
+        assert_eq!(held.deadline(), NOW + 5);
+        assert!(!held.is_expired(NOW));
+        assert!(held.is_expired(NOW + 5), "the lease runs out at locked_until");
+        // A lease on a record that left in_progress holds nothing.
+        assert_eq!(record(Status::Completed, -5, Some(5)).deadline(), NOW - 5);
     }
 }

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 
 use super::{Claim, Cursor, Error, ListQuery, MAX_PAGE, Page, StatRow, Store, new_token};
 use crate::core::{
-    ClaimPolicy, Intent, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status, Transition, decide,
-    resolve, transition,
+    ClaimPolicy, Intent, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status, Transition, plan_claim,
+    resolve,
 };
 
 /// Records in a map behind one mutex: every operation is atomic by construction.
@@ -24,11 +24,6 @@ impl MemoryStore {
         // insert, so the map stays usable after poisoning.
         self.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-}
-
-/// Whether the owner of `token` still owns `record`.
-pub(crate) fn owns(record: &Record, token: LeaseToken) -> bool {
-    record.status == Status::InProgress && record.lease.is_some_and(|l| l.token == token)
 }
 
 /// Whether a record passes a list query's filters (cursor included).
@@ -54,39 +49,20 @@ pub(crate) fn page(mut records: Vec<Record>, limit: usize) -> Page {
 impl Store for MemoryStore {
     async fn claim(&self, intent: &Intent, policy: ClaimPolicy) -> Result<Claim, Error> {
         let mut records = self.lock();
-        let existing = records.get(&intent.id);
-        let decision = decide(existing, intent, policy);
-        let token = decision.executes().then(new_token);
-        let record = match transition(decision, existing, intent, token.unwrap_or(0), policy) {
-            Transition::None => existing.cloned(),
-            Transition::Touch(record) | Transition::Write(record) => {
-                records.insert(record.id.clone(), record.clone());
-                Some(record)
-            }
-        };
-        Ok(Claim { decision, record, token })
+        let existing = records.get(&intent.id).cloned();
+        let plan = plan_claim(existing.as_ref(), intent, policy, new_token);
+        if let Transition::Touch(record) | Transition::Write(record) = &plan.transition {
+            records.insert(record.id.clone(), record.clone());
+        }
+        Ok(Claim::planned(plan, existing))
     }
 
     async fn renew(&self, id: &RecordId, token: LeaseToken, locked_until: Millis) -> Result<bool, Error> {
-        let mut records = self.lock();
-        match records.get_mut(id) {
-            Some(record) if owns(record, token) => {
-                record.lease = record.lease.map(|l| crate::core::Lease { locked_until, ..l });
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        Ok(self.lock().get_mut(id).is_some_and(|record| record.renew(token, locked_until)))
     }
 
     async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome, now: Millis) -> Result<bool, Error> {
-        let mut records = self.lock();
-        match records.get_mut(id) {
-            Some(record) if owns(record, token) => {
-                outcome.apply(record, now);
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        Ok(self.lock().get_mut(id).is_some_and(|record| record.finish(token, outcome, now)))
     }
 
     async fn get(&self, id: &RecordId) -> Result<Option<Record>, Error> {
@@ -131,5 +107,15 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 mod tests {
-    crate::conformance_tests!(crate::store::memory::MemoryStore::default());
+    use super::*;
+
+    crate::conformance_tests!(MemoryStore::default());
+    crate::rule_tests!(MemoryStore::default());
+
+    #[async_trait]
+    impl crate::store::conformance::Seed for MemoryStore {
+        async fn seed(&self, record: &Record) {
+            self.lock().insert(record.id.clone(), record.clone());
+        }
+    }
 }

@@ -1,8 +1,11 @@
 //! Where records live: one small object-safe trait, chosen once at start-up from a URL.
 //!
-//! Every backend runs the decision of [`crate::core::decide`] inside its own atomic
+//! Every backend's `claim` is [`crate::core::plan_claim`] run inside its own atomic
 //! section, so two concurrent identical intents never both execute, whatever the store.
-//! Every backend passes [`conformance`].
+//! The fencing and expiry rules are the core's too (`Record::is_owned_by`,
+//! `Record::is_expired`); where a backend must restate one in SQL or Lua, the twin is
+//! checked against the core case by case ([`conformance`]'s `rule_tests!`). Every backend
+//! passes [`conformance`].
 
 use std::sync::Arc;
 
@@ -10,7 +13,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::core::{
-    ClaimPolicy, Decision, Intent, LeaseToken, Millis, NotResolvable, Outcome, Record, RecordId, Resolution, Status,
+    ClaimPolicy, Decision, Intent, LeaseToken, Millis, NotResolvable, Outcome, Plan, Record, RecordId, Resolution,
+    Status,
 };
 
 pub mod conformance;
@@ -75,6 +79,15 @@ pub struct Claim {
     pub record: Option<Record>,
     /// The caller's lease token, present exactly when the decision executes.
     pub token: Option<LeaseToken>,
+}
+
+impl Claim {
+    /// The answer to a claim once the backend persisted `plan` (made by
+    /// [`crate::core::plan_claim`] on `existing`).
+    pub fn planned(plan: Plan, existing: Option<Record>) -> Self {
+        let (decision, token) = (plan.decision, plan.token);
+        Self { decision, record: plan.into_record(existing), token }
+    }
 }
 
 /// A page of records, newest first.
@@ -157,14 +170,16 @@ pub struct StatRow {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Decides an intent (SPEC §2) and persists what the decision changes, atomically:
-    /// a claim is durable before this returns `Execute`.
+    /// [`crate::core::plan_claim`] on the stored record, its transition persisted in one
+    /// atomic section. A claim is durable before this returns `Execute`.
     async fn claim(&self, intent: &Intent, policy: ClaimPolicy) -> Result<Claim, Error>;
 
-    /// Extends a lease. `false` when `token` no longer owns the record (fencing).
+    /// Extends a lease, as [`Record::renew`] does. `false` when `token` no longer owns the
+    /// record ([`Record::is_owned_by`]: fencing).
     async fn renew(&self, id: &RecordId, token: LeaseToken, locked_until: Millis) -> Result<bool, Error>;
 
-    /// Ends a lease with its outcome. `false` when `token` no longer owns the record: a
-    /// stale owner can never complete.
+    /// Ends a lease with its outcome, as [`Record::finish`] does. `false` when `token` no
+    /// longer owns the record: a stale owner can never complete.
     async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome, now: Millis) -> Result<bool, Error>;
 
     /// One record.
@@ -189,7 +204,8 @@ pub trait Store: Send + Sync + 'static {
     /// Settles an `outcome_unknown` (or `needs_review`) record.
     async fn resolve(&self, id: &RecordId, resolution: Resolution, now: Millis) -> Result<Record, Error>;
 
-    /// Removes up to `limit` expired records; returns how many.
+    /// Removes up to `limit` records that [`Record::is_expired`] calls expired at `now`, and
+    /// nothing else; returns how many.
     async fn purge_expired(&self, now: Millis, limit: usize) -> Result<u64, Error>;
 
     /// Counts by scope and status.

@@ -21,7 +21,7 @@ use super::touch::{Touch, TouchBuffer, spawn_flusher};
 use super::{Claim, Error, ListQuery, MAX_PAGE, Page, StatRow, Store, new_token};
 use crate::core::{
     ClaimPolicy, Fingerprint, Intent, Lease, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status,
-    StoredResponse, Transition, decide, resolve, transition,
+    StoredResponse, Transition, plan_claim, resolve,
 };
 
 /// The schema version this build writes. A file with a higher `user_version` is refused.
@@ -365,6 +365,16 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, Error>> {
     }))
 }
 
+/// The SQL twin of [`Record::is_owned_by`] (`?4` is the token): the guard of `renew` and
+/// `finish`. Checked against the core by `rule_tests!`.
+const OWNED: &str = "scope = ?1 AND tenant = ?2 AND key = ?3 AND status = 'in_progress' AND lease_token = ?4";
+
+/// The SQL twin of [`Record::is_expired`] at `?1`: what `purge_expired` deletes. A row with
+/// no `locked_until` has no live lease: `coalesce`, since comparing NULL would keep an
+/// `in_progress` row without a lease forever (as this store once did), while a claim
+/// already treated it as expired. Checked against the core by `rule_tests!`.
+const EXPIRED: &str = "expires_at <= ?1 AND NOT (status = 'in_progress' AND coalesce(locked_until > ?1, 0))";
+
 /// Ends the lease `token` holds with `outcome`: one guarded `UPDATE`, setting the same
 /// fields [`Outcome::apply`] sets. `false` when `token` no longer owns the record.
 fn finish_owned(
@@ -375,7 +385,7 @@ fn finish_owned(
     now: Millis,
 ) -> Result<bool, Error> {
     let status = outcome.status();
-    let owned = "WHERE scope = ?1 AND tenant = ?2 AND key = ?3 AND status = 'in_progress' AND lease_token = ?4";
+    let owned = format!("WHERE {OWNED}");
     let changed = match outcome {
         Outcome::Completed(response) => {
             let headers = serde_json::to_string(&response.headers).map_err(unavailable)?;
@@ -420,31 +430,24 @@ impl Store for SqliteStore {
         // A point read on an indexed key takes microseconds, so it runs right here rather
         // than paying a hand-off to the blocking pool on every request.
         let existing = self.readers.with(|conn| load(conn, &intent.id))?;
-        let decision = decide(existing.as_ref(), intent, policy);
-        match transition(decision, existing.as_ref(), intent, 0, policy) {
-            Transition::None => {
-                return Ok(Claim { decision, record: existing, token: None });
-            }
+        let plan = plan_claim(existing.as_ref(), intent, policy, new_token);
+        match &plan.transition {
+            Transition::None => return Ok(Claim::planned(plan, existing)),
             Transition::Touch(record) => {
                 self.touches.add(record.id.clone(), intent.now);
-                return Ok(Claim { decision, record: Some(record), token: None });
+                return Ok(Claim::planned(plan, existing));
             }
             Transition::Write(_) => {}
         }
-        // Decide again inside the writer, where nothing else can change the record.
+        // Plan again inside the writer, where nothing else can change the record.
         let intent = intent.clone();
         self.write(move |conn| {
             let existing = load(conn, &intent.id)?;
-            let decision = decide(existing.as_ref(), &intent, policy);
-            let token = decision.executes().then(new_token);
-            let record = match transition(decision, existing.as_ref(), &intent, token.unwrap_or(0), policy) {
-                Transition::None => existing,
-                Transition::Touch(record) | Transition::Write(record) => {
-                    save(conn, &record)?;
-                    Some(record)
-                }
-            };
-            Ok(Claim { decision, record, token })
+            let plan = plan_claim(existing.as_ref(), &intent, policy, new_token);
+            if let Transition::Touch(record) | Transition::Write(record) = &plan.transition {
+                save(conn, record)?;
+            }
+            Ok(Claim::planned(plan, existing))
         })
         .await
     }
@@ -452,13 +455,10 @@ impl Store for SqliteStore {
     async fn renew(&self, id: &RecordId, token: LeaseToken, locked_until: Millis) -> Result<bool, Error> {
         let id = id.clone();
         self.write(move |conn| {
-            conn.prepare_cached(
-                "UPDATE records SET locked_until = ?5
-                 WHERE scope = ?1 AND tenant = ?2 AND key = ?3 AND status = 'in_progress' AND lease_token = ?4",
-            )
-            .and_then(|mut s| s.execute(params![id.scope, id.tenant, id.key, token as i64, locked_until]))
-            .map(|n| n == 1)
-            .map_err(unavailable)
+            conn.prepare_cached(&format!("UPDATE records SET locked_until = ?5 WHERE {OWNED}"))
+                .and_then(|mut s| s.execute(params![id.scope, id.tenant, id.key, token as i64, locked_until]))
+                .map(|n| n == 1)
+                .map_err(unavailable)
         })
         .await
     }
@@ -520,11 +520,9 @@ impl Store for SqliteStore {
 
     async fn purge_expired(&self, now: Millis, limit: usize) -> Result<u64, Error> {
         self.write(move |conn| {
-            conn.prepare_cached(
-                "DELETE FROM records WHERE rowid IN (
-                    SELECT rowid FROM records WHERE expires_at <= ?1
-                    AND NOT (status = 'in_progress' AND locked_until > ?1) LIMIT ?2)",
-            )
+            conn.prepare_cached(&format!(
+                "DELETE FROM records WHERE rowid IN (SELECT rowid FROM records WHERE {EXPIRED} LIMIT ?2)"
+            ))
             .and_then(|mut s| s.execute(params![now, limit as i64]))
             .map(|n| n as u64)
             .map_err(unavailable)
@@ -597,13 +595,25 @@ fn list(conn: &Connection, query: &ListQuery) -> Result<Page, Error> {
 mod tests {
     use super::*;
 
-    crate::conformance_tests!({
+    /// A store on a file of its own.
+    async fn scratch() -> SqliteStore {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("idem.db");
         // The directory must outlive the store; tests are short, so leak it.
         std::mem::forget(dir);
         SqliteStore::open(Options { path, synchronous: Synchronous::Normal }).await.unwrap()
-    });
+    }
+
+    crate::conformance_tests!(scratch().await);
+    crate::rule_tests!(scratch().await);
+
+    #[async_trait]
+    impl crate::store::conformance::Seed for SqliteStore {
+        async fn seed(&self, record: &Record) {
+            let record = record.clone();
+            self.write(move |conn| save(conn, &record)).await.unwrap();
+        }
+    }
 
     #[test]
     fn url_options() {

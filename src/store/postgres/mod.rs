@@ -3,7 +3,7 @@
 //! # Claim: one round trip, no check-then-insert
 //!
 //! The primary key `(scope, tenant, key)` is the only arbiter. `claim` sends one statement
-//! that inserts the record `core::transition` makes for an absent key, or — when the key
+//! that inserts the record `core::plan_claim` plans for an absent key, or — when the key
 //! is taken — returns the row that holds it:
 //!
 //! ```sql
@@ -12,8 +12,7 @@
 //! SELECT false, … FROM records WHERE <pk> AND NOT EXISTS (SELECT 1 FROM ins)
 //! ```
 //!
-//! Inserted: the caller executes. A row came back: `core::decide` and `core::transition`
-//! run on it here, and a durable change is written with a compare-and-swap on the row's
+//! Inserted: the caller executes. A row came back: `core::plan_claim` runs on it here, and a durable change is written with a compare-and-swap on the row's
 //! `version` (bumped by every write), so the decision holds only if nothing changed the
 //! row since it was read; a lost swap, or no row at all (a concurrent insert committed
 //! after the statement's snapshot), starts the claim again. Replays write nothing: a
@@ -125,8 +124,8 @@ use super::memory::page;
 use super::touch::{Touch, TouchBuffer, spawn_flusher};
 use super::{Claim, Error, ListQuery, MAX_PAGE, Page, StatRow, Store, new_token};
 use crate::core::{
-    ClaimPolicy, Intent, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status, Transition, decide,
-    resolve, transition,
+    ClaimPolicy, Intent, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status, Transition, plan_claim,
+    resolve,
 };
 use options::Options;
 use row::{COLUMN_COUNT, COLUMNS, Values};
@@ -310,26 +309,23 @@ impl PostgresStore {
         let client = self.client().await?;
         // One token serves every attempt: at most one attempt writes anything.
         let token = new_token();
-        let absent = decide(None, intent, policy);
+        let absent = plan_claim(None, intent, policy, || token);
         // The row the key's absence calls for, proposed by the insert of every attempt.
-        let proposal = match transition(absent, None, intent, token, policy) {
+        let proposal = match &absent.transition {
             Transition::Write(record) => Some(record),
             Transition::None | Transition::Touch(_) => None,
         };
         for _ in 0..MAX_CLAIM_ATTEMPTS {
-            let seen = match &proposal {
+            let seen = match proposal {
                 Some(fresh) => self.insert_or_load(&client, fresh).await?,
                 None => {
                     self.load_on(&client, &intent.id).await?.map_or(Seen::Nothing, |(v, r)| Seen::Existing(v, r.into()))
                 }
             };
             match seen {
-                Seen::Inserted => {
-                    return Ok(Claim { decision: absent, record: proposal, token: absent.executes().then_some(token) });
-                }
-                Seen::Nothing if proposal.is_none() => {
-                    return Ok(Claim { decision: absent, record: None, token: None });
-                }
+                // The key was free: the proposal is the claimed record.
+                Seen::Inserted => return Ok(Claim::planned(absent, None)),
+                Seen::Nothing if proposal.is_none() => return Ok(Claim::planned(absent, None)),
                 // A concurrent insert committed after this statement's snapshot was taken.
                 Seen::Nothing => {}
                 Seen::Existing(version, existing) => {
@@ -354,19 +350,16 @@ impl PostgresStore {
         version: i64,
         existing: Record,
     ) -> Result<Option<Claim>, Error> {
-        let decision = decide(Some(&existing), intent, policy);
-        match transition(decision, Some(&existing), intent, token, policy) {
-            Transition::None => Ok(Some(Claim { decision, record: Some(existing), token: None })),
+        let plan = plan_claim(Some(&existing), intent, policy, || token);
+        let persisted = match &plan.transition {
+            Transition::None => true,
             Transition::Touch(record) => {
                 self.touches.add(record.id.clone(), intent.now);
-                Ok(Some(Claim { decision, record: Some(record), token: None }))
+                true
             }
-            Transition::Write(record) => {
-                let won = self.swap(client, version, &record).await?;
-                let token = decision.executes().then_some(token);
-                Ok(won.then(|| Claim { decision, record: Some(record), token }))
-            }
-        }
+            Transition::Write(record) => self.swap(client, version, record).await?,
+        };
+        Ok(persisted.then(|| Claim::planned(plan, Some(existing))))
     }
 
     async fn resolve_now(&self, id: &RecordId, resolution: Resolution, now: Millis) -> Result<Record, Error> {
@@ -558,8 +551,9 @@ struct Statements {
     touch: String,
 }
 
-/// A row `purge_expired` may delete at `$1`: the SQL form of `Record::is_expired` (an
-/// action that outlives its TTL keeps its record while its lease lives).
+/// A row `purge_expired` may delete at `$1`: the SQL twin of `Record::is_expired` (an
+/// action that outlives its TTL keeps its record while its lease lives; a row without
+/// `locked_until` has no live lease). Checked against the core by `rule_tests!`.
 const EXPIRED: &str = "expires_at <= $1 AND NOT (status = 'in_progress' AND coalesce(locked_until > $1, false))";
 
 impl Statements {
@@ -569,6 +563,7 @@ impl Statements {
             (from..from + count).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
         };
         let pk = "scope = $1 AND tenant = $2 AND key = $3";
+        // The SQL twin of `Record::is_owned_by` (`$4` is the token), checked by `rule_tests!`.
         let owned = format!("{pk} AND status = 'in_progress' AND lease_token = $4");
         let finished: Vec<&str> = FINISHED_COLUMNS.iter().map(|&i| columns[i]).collect();
         let failed: Vec<&str> = FAILED_COLUMNS.iter().map(|&i| columns[i]).collect();

@@ -17,6 +17,7 @@ const URL_VAR: &str = "IDEM_TEST_POSTGRES_URL";
 const DEFAULT_URL: &str = "postgres://root@127.0.0.1:5432/test";
 
 crate::conformance_tests!(Scratch::open().await);
+crate::rule_tests!(Scratch::open().await);
 
 fn base_url() -> String {
     std::env::var(URL_VAR).unwrap_or_else(|_| DEFAULT_URL.into())
@@ -117,6 +118,15 @@ impl Scratch {
     async fn open() -> Self {
         let schema = SchemaGuard::new();
         Self { store: schema.open().await, _schema: schema }
+    }
+}
+
+#[async_trait]
+impl crate::store::conformance::Seed for Scratch {
+    async fn seed(&self, record: &Record) {
+        let client = self.store.client().await.unwrap();
+        let seen = self.store.insert_or_load(&client, record).await.unwrap();
+        assert!(matches!(seen, Seen::Inserted), "{} was taken", record.id);
     }
 }
 

@@ -21,7 +21,7 @@ pub struct Keys {
     /// Sorted set of every record, all scores 0, members ordered by `(created_at, id)`
     /// (see [`member`]): the listing index, read newest first with `ZREVRANGEBYLEX`.
     pub created: String,
-    /// Sorted set of the same members scored by each record's deadline (see [`deadline`]):
+    /// Sorted set of the same members scored by each record's deadline ([`Record::deadline`]):
     /// what `purge_expired` reads, so it never walks the listing index.
     pub expires: String,
     /// The prefix's layout version ([`SCHEMA_VERSION`]). Never expires.
@@ -46,16 +46,6 @@ impl Keys {
         // A tuple of strings always serializes.
         let parts = serde_json::to_string(&(&id.scope, &id.tenant, &id.key)).unwrap_or_default();
         format!("{}:rec:{parts}", self.prefix)
-    }
-}
-
-/// The instant after which Redis may forget a record: its expiry, or the end of a live
-/// lease if that is later (an action that outlives its TTL keeps its record, as
-/// [`Record::is_expired`] says).
-pub fn deadline(record: &Record) -> Millis {
-    match (record.status, record.lease) {
-        (Status::InProgress, Some(lease)) => record.expires_at.max(lease.locked_until),
-        _ => record.expires_at,
     }
 }
 

@@ -14,7 +14,8 @@ local function keep_until(key, pttl)
 end
 
 -- The instant after which a record may be forgotten: its expiry, or the end of a live
--- lease if later (the same rule as deadline() in codec.rs).
+-- lease if later. The Lua twin of Record::deadline in the core, checked against it by the
+-- conformance rule tests.
 local function deadline(status, locked_until, expires_at)
   local d = tonumber(expires_at)
   if status == 'in_progress' and locked_until then

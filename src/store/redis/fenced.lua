@@ -1,5 +1,6 @@
 -- FENCED: renew and finish. Changes the record only while it is in_progress under the
--- caller's lease token (fencing: a stale owner can never write) and returns 1, else 0.
+-- caller's lease token (fencing: a stale owner can never write) and returns 1, else 0:
+-- the Lua twin of Record::is_owned_by, checked against it by the conformance rule tests.
 -- Redis may keep the record longer than needed (decide() still sees it expired), never
 -- shorter: its time to live only grows, by as much as the deadline moved.
 -- KEYS: record, created index, expiry index

@@ -13,9 +13,11 @@
 //!
 //! # How an operation runs
 //!
-//! Decisions are made in Rust by [`crate::core::decide`] and [`crate::core::transition`];
-//! the Lua scripts (`*.lua`, see `scripts.rs`) only check versions and lease tokens and keep
-//! the indexes in step, atomically.
+//! Decisions are made in Rust by [`crate::core::plan_claim`]; the Lua scripts (`*.lua`, see
+//! `scripts.rs`) only check versions and lease tokens and keep the indexes in step,
+//! atomically. The two rules they restate, fencing (`FENCED`: [`Record::is_owned_by`]) and
+//! the deadline a purge goes by (`common.lua`'s `deadline`: [`Record::deadline`]), are
+//! checked against the core case by case (`conformance::rule_tests!`).
 //!
 //! - `claim` runs CLAIM, which inserts the core's brand-new record if the key is absent
 //!   (one round trip for a new key) or returns the record there. Rust decides on it; a
@@ -85,10 +87,10 @@ use super::memory::{matches, page};
 use super::touch::{Touch, TouchBuffer, spawn_flusher};
 use super::{Claim, Error, ListQuery, MAX_PAGE, Page, StatRow, Store, new_token};
 use crate::core::{
-    ClaimPolicy, Intent, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status, Transition, decide,
-    resolve, transition,
+    ClaimPolicy, Intent, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status, Transition, plan_claim,
+    resolve,
 };
-use codec::{Keys, SCHEMA_VERSION, Stored, deadline, member, parse_member};
+use codec::{Keys, SCHEMA_VERSION, Stored, member, parse_member};
 
 mod codec;
 mod scripts;
@@ -340,7 +342,7 @@ impl RedisStore {
 
 /// Appends a record to a CLAIM or WRITE call: time to live, deadline, index member, fields.
 fn push_record(invocation: &mut ScriptInvocation<'_>, record: &Record, now: Millis) {
-    let due = deadline(record);
+    let due = record.deadline();
     // Relative to the writer's clock (see "Expiry" above); at least 1 ms, since 0 would
     // delete the key at once.
     invocation.arg((due - now).max(1)).arg(due).arg(member(record.created_at, &record.id));
@@ -393,50 +395,39 @@ async fn flush(mut conn: ConnectionManager, keys: Arc<Keys>, addr: Arc<str>, tou
 #[async_trait]
 impl Store for RedisStore {
     async fn claim(&self, intent: &Intent, policy: ClaimPolicy) -> Result<Claim, Error> {
-        // What a claim writes when nothing is stored, decided by the core like every other
+        // What a claim writes when nothing is stored, planned by the core like every other
         // row and sent along, so that a new key takes a single round trip.
-        let fresh_token = new_token();
-        let fresh_decision = decide(None, intent, policy);
-        let fresh = match transition(fresh_decision, None, intent, fresh_token, policy) {
+        let fresh = plan_claim(None, intent, policy, new_token);
+        let fresh_record = match &fresh.transition {
             Transition::Write(record) => Some(record),
             Transition::None | Transition::Touch(_) => None,
         };
-        let mut seen = self.claim_script(&intent.id, fresh.as_ref(), intent.now).await?;
+        let mut seen = self.claim_script(&intent.id, fresh_record, intent.now).await?;
         for _ in 0..MAX_ATTEMPTS {
             let stored = match seen {
-                Seen::Inserted => {
-                    let token = fresh_decision.executes().then_some(fresh_token);
-                    return Ok(Claim { decision: fresh_decision, record: fresh, token });
-                }
-                Seen::Current(None) if fresh.is_none() => {
-                    return Ok(Claim { decision: fresh_decision, record: None, token: None });
-                }
+                Seen::Inserted => return Ok(Claim::planned(fresh, None)),
+                Seen::Current(None) if fresh_record.is_none() => return Ok(Claim::planned(fresh, None)),
                 // Gone between a read and a write: insert it now.
                 Seen::Current(None) => {
-                    seen = self.claim_script(&intent.id, fresh.as_ref(), intent.now).await?;
+                    seen = self.claim_script(&intent.id, fresh_record, intent.now).await?;
                     continue;
                 }
                 Seen::Current(Some(stored)) => stored,
             };
-            let existing = Some(&stored.record);
-            let decision = decide(existing, intent, policy);
-            let token = decision.executes().then(new_token);
-            let record = match transition(decision, existing, intent, token.unwrap_or(0), policy) {
-                Transition::None => stored.record,
-                Transition::Touch(record) => {
-                    self.touches.add(record.id.clone(), intent.now);
-                    record
-                }
-                Transition::Write(record) => match self.write(stored.version, &record, intent.now).await? {
-                    Cas::Written => record,
+            let plan = plan_claim(Some(&stored.record), intent, policy, new_token);
+            match &plan.transition {
+                Transition::None => {}
+                Transition::Touch(record) => self.touches.add(record.id.clone(), intent.now),
+                Transition::Write(record) => match self.write(stored.version, record, intent.now).await? {
+                    Cas::Written => {}
                     // Someone else wrote first: decide again on what they wrote.
                     Cas::Conflict(current) => {
                         seen = Seen::Current(current);
                         continue;
                     }
                 },
-            };
-            return Ok(Claim { decision, record: Some(record), token });
+            }
+            return Ok(Claim::planned(plan, Some(stored.record)));
         }
         Err(Error::Unavailable(format!("{} kept changing during {MAX_ATTEMPTS} claim attempts", intent.id)))
     }

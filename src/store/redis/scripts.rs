@@ -1,6 +1,6 @@
 //! The Lua scripts: each is one atomic step on one record and its index entries. They
 //! check versions, lease tokens and deadlines and keep the indexes in step; every decision
-//! of SPEC §2 is made in Rust by `core::decide`/`transition` before a script runs.
+//! of SPEC §2 is made in Rust by `core::plan_claim` before a script runs.
 
 use std::sync::LazyLock;
 

@@ -13,6 +13,17 @@ use crate::core::{Decision, ExecuteReason, Fingerprint, OnUnknown, StoredRespons
 use crate::store::{ListQuery, now_millis};
 
 crate::conformance_tests!({ fresh_store().await });
+crate::rule_tests!({ fresh_store().await });
+
+#[async_trait]
+impl crate::store::conformance::Seed for RedisStore {
+    async fn seed(&self, record: &Record) {
+        // Written "at" its creation, so its time to live runs from there: the rule tests'
+        // instants are fixed, and Redis's own expiry must not beat the purge under test.
+        let seen = self.claim_script(&record.id, Some(record), record.created_at).await.unwrap();
+        assert!(matches!(seen, Seen::Inserted), "{} was taken", record.id);
+    }
+}
 
 const REVIEW: ClaimPolicy = ClaimPolicy {
     on_unknown: OnUnknown::Review,

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config::{RawAdmin, parse_toml};
 use crate::core::OnUnknown;
-use crate::gateway::config::{RawAdmin, parse_toml};
 use crate::runner::flow::{self, RawFlow, RawStep, Step};
 
 /// The consumer file as written.

@@ -13,9 +13,9 @@ use http::{HeaderName, HeaderValue, Method};
 use serde::Deserialize;
 
 use super::template::{JsonTemplate, Part, Placeholder, Template};
+use crate::config::parse_toml;
 use crate::core::OnUnknown;
 use crate::core::units::parse_duration;
-use crate::gateway::config::parse_toml;
 
 /// The flow file as written. Every table refuses unknown keys.
 #[derive(Debug, Default, Deserialize)]

@@ -1,4 +1,4 @@
-//! The three config files: the gateway's (`gateway::config::parse_toml` + `RawConfig::validate`),
+//! The three config files: the gateway's (`config::parse_toml` + `RawConfig::validate`),
 //! the runner's flow (`runner::flow::parse`) and the consumer's (`RawConsumer` + `validate`).
 //! Every input is read as all three, so what the fuzzer learns of TOML serves each.
 //!
@@ -15,9 +15,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::Method;
+use idem::config::parse_toml;
 use idem::consumer::config::RawConsumer;
 use idem::core::units::millis;
-use idem::gateway::config::{Overrides, RawConfig, parse_toml};
+use idem::gateway::config::{Overrides, RawConfig};
 use idem::runner::flow::{self, Flow, Step};
 use idem::runner::template::Placeholder;
 use libfuzzer_sys::fuzz_target;

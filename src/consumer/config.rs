@@ -3,7 +3,8 @@
 //!
 //! `[deliver]` is a runner step in all but name (same templates, same checks, same
 //! messages), so it is validated by the runner's own code; `deliver.flow` borrows the steps
-//! of a flow file instead.
+//! of a flow file instead. Reading, `[admin]` and the checks are the [`crate::config`]
+//! toolkit's.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,8 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config::{self, Alternative, Kind, Problems, RawAdmin, WordOr, check, parse_toml};
 use crate::core::OnUnknown;
-use crate::gateway::config::{RawAdmin, parse_toml};
 use crate::runner::flow::{self, RawFlow, RawStep, Step};
 
 /// The consumer file as written.
@@ -80,17 +81,19 @@ pub struct RawRabbit {
     pub dead_letter_exchange: Option<String>,
 }
 
-/// `source.message_id`.
+/// `source.message_id`: `"header"` or `{ body = "/id" }`.
+pub type RawMessageId = WordOr<RawMessageBody>;
+
+/// `message_id = { body = "/id" }`.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum RawMessageId {
-    /// `"header"`.
-    Named(String),
-    /// `{ body = "/id" }`.
-    Body {
-        /// JSON pointer into the message.
-        body: String,
-    },
+#[serde(deny_unknown_fields)]
+pub struct RawMessageBody {
+    /// JSON pointer into the message.
+    pub body: String,
+}
+
+impl Alternative for RawMessageBody {
+    const EXPECTED: &'static str = "\"header\" or { body = \"/id\" }";
 }
 
 /// `[deliver]`.
@@ -201,45 +204,15 @@ pub struct VersionPointers {
     pub version: String,
 }
 
-/// A consumer file that cannot be used: every problem, each with its path.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid consumer:\n  {}", .0.join("\n  "))]
-pub struct ConsumerError(pub Vec<String>);
-
 /// Reads and validates a consumer file; `deliver.flow` is resolved against its directory.
-pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Consumer, ConsumerError> {
-    let in_file = |problems: Vec<String>| {
-        ConsumerError(problems.into_iter().map(|p| format!("{}: {p}", path.display())).collect())
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| in_file(vec![format!("cannot read: {e}")]))?;
-    let raw: RawConsumer = parse_toml(&text).map_err(|e| in_file(vec![e]))?;
-    raw.validate(path.parent().unwrap_or(Path::new("")), env).map_err(|e| in_file(e.0))
-}
-
-/// Collects problems with their paths.
-#[derive(Default)]
-struct Problems(Vec<String>);
-
-impl Problems {
-    fn push(&mut self, path: &str, message: impl std::fmt::Display) {
-        self.0.push(format!("{path}: {message}"));
-    }
-
-    fn check<T>(&mut self, path: &str, result: Result<T, String>) -> Option<T> {
-        result.map_err(|e| self.push(path, e)).ok()
-    }
-
-    fn required<T>(&mut self, path: &str, value: Option<T>, example: &str) -> Option<T> {
-        if value.is_none() {
-            self.push(path, format_args!("required, e.g. {example}"));
-        }
-        value
-    }
+pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Consumer, config::Error> {
+    let raw: RawConsumer = config::read_toml(path, Kind::Consumer)?;
+    raw.validate(path.parent().unwrap_or(Path::new("")), env).map_err(|e| e.in_file(path))
 }
 
 impl RawConsumer {
     /// Validates the tree; `base_dir` is where a relative `deliver.flow` starts.
-    pub fn validate(self, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Consumer, ConsumerError> {
+    pub fn validate(self, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Consumer, config::Error> {
         let mut p = Problems::default();
         let subscriber = p.required("subscriber", self.subscriber, "subscriber = \"orders-sync\"");
         let subscriber = subscriber.and_then(|s| p.check("subscriber", name(&s).map(|()| s)));
@@ -247,10 +220,10 @@ impl RawConsumer {
         if store.trim().is_empty() {
             p.push("store", "must not be empty");
         }
-        let max_attempts = p.check("max_attempts", bounded(self.max_attempts.unwrap_or(5), 1, 1000));
-        let retention = p.check("retention", duration(self.retention.as_deref().unwrap_or("7d")));
-        let concurrency = p.check("concurrency", bounded(self.concurrency.unwrap_or(16), 1, 4096));
-        let timeout = p.check("timeout", duration(self.timeout.as_deref().unwrap_or("30s")));
+        let max_attempts = p.check("max_attempts", check::bounded(self.max_attempts.unwrap_or(5), 1, 1000));
+        let retention = p.check("retention", check::duration(self.retention.as_deref().unwrap_or("7d")));
+        let concurrency = p.check("concurrency", check::bounded(self.concurrency.unwrap_or(16), 1, 4096));
+        let timeout = p.check("timeout", check::duration(self.timeout.as_deref().unwrap_or("30s")));
         let source = p.required("source", self.source, "[source] with nats = { url, stream, subject, durable }");
         let (broker, message_id) = match source {
             Some(source) => source.validate(&mut p),
@@ -261,34 +234,25 @@ impl RawConsumer {
             (Some(deliver), Some(subscriber)) => deliver.validate(subscriber, base_dir, &mut p),
             _ => (None, false, None),
         };
-        let admin = self.admin.map(|admin| admin_listener(admin, env, &mut p));
-        match (subscriber, max_attempts, retention, concurrency, timeout, broker, message_id, steps, admin) {
-            (
-                Some(subscriber),
-                Some(max_attempts),
-                Some(retention),
-                Some(concurrency),
-                Some(timeout),
-                Some(broker),
-                Some(message_id),
-                Some(steps),
-                admin,
-            ) if p.0.is_empty() => Ok(Consumer {
-                subscriber,
+        // `[admin]` is off unless the file has the table; then its `listen` is required.
+        let admin = self.admin.and_then(|admin| admin.validate(None, env, &mut p));
+        let consumer = || {
+            Some(Consumer {
+                subscriber: subscriber?,
                 store,
-                max_attempts,
-                retention,
-                concurrency,
-                timeout,
-                broker,
-                message_id,
-                steps,
+                max_attempts: max_attempts?,
+                retention: retention?,
+                concurrency: concurrency?,
+                timeout: timeout?,
+                broker: broker?,
+                message_id: message_id?,
+                steps: steps?,
                 from_flow,
                 version,
-                admin: admin.flatten(),
-            }),
-            _ => Err(ConsumerError(p.0)),
-        }
+                admin: admin.map(|admin| (admin.listen, admin.token)),
+            })
+        };
+        p.finish(Kind::Consumer, consumer())
     }
 }
 
@@ -306,25 +270,28 @@ impl RawSource {
                 None
             }
         };
-        let message_id = match self.message_id {
-            None => Some(MessageId::Header),
-            Some(RawMessageId::Named(name)) if name == "header" => Some(MessageId::Header),
-            Some(RawMessageId::Named(name)) => {
-                p.push("source.message_id", format_args!("{name:?}: say \"header\" or {{ body = \"/id\" }}"));
-                None
-            }
-            Some(RawMessageId::Body { body }) => {
-                p.check("source.message_id.body", pointer(&body)).map(|()| MessageId::Body(body))
-            }
-        };
-        (broker, message_id)
+        (broker, message_id(self.message_id, p))
+    }
+}
+
+fn message_id(raw: Option<RawMessageId>, p: &mut Problems) -> Option<MessageId> {
+    match raw {
+        None => Some(MessageId::Header),
+        Some(WordOr::Word(name)) if name == "header" => Some(MessageId::Header),
+        Some(WordOr::Word(name)) => {
+            p.push("source.message_id", format_args!("{name:?}: say {}", RawMessageBody::EXPECTED));
+            None
+        }
+        Some(WordOr::Table(RawMessageBody { body })) => {
+            p.check("source.message_id.body", check::pointer(&body)).map(|()| MessageId::Body(body))
+        }
     }
 }
 
 impl RawNats {
     fn validate(self, p: &mut Problems) -> Option<Broker> {
         let url = p.required("source.nats.url", self.url, "url = \"nats://127.0.0.1:4222\"");
-        let url = url.and_then(|u| p.check("source.nats.url", scheme(&u, &["nats", "tls"]).map(|()| u)));
+        let url = url.and_then(|u| p.check("source.nats.url", check::url(&u, &["nats", "tls"]).map(|_| u)));
         let stream = p.required("source.nats.stream", self.stream, "stream = \"ORDERS\"");
         let stream = stream.and_then(|s| p.check("source.nats.stream", nats_name(&s).map(|()| s)));
         let subject = p.required("source.nats.subject", self.subject, "subject = \"orders.>\"");
@@ -334,7 +301,7 @@ impl RawNats {
         });
         let durable = p.required("source.nats.durable", self.durable, "durable = \"orders-sync\"");
         let durable = durable.and_then(|d| p.check("source.nats.durable", nats_name(&d).map(|()| d)));
-        let ack_wait = p.check("source.nats.ack_wait", duration(self.ack_wait.as_deref().unwrap_or("30s")));
+        let ack_wait = p.check("source.nats.ack_wait", check::duration(self.ack_wait.as_deref().unwrap_or("30s")));
         Some(Broker::Nats { url: url?, stream: stream?, subject: subject?, durable: durable?, ack_wait: ack_wait? })
     }
 }
@@ -342,7 +309,7 @@ impl RawNats {
 impl RawRabbit {
     fn validate(self, p: &mut Problems) -> Option<Broker> {
         let url = p.required("source.rabbitmq.url", self.url, "url = \"amqp://guest:guest@127.0.0.1:5672/%2f\"");
-        let url = url.and_then(|u| p.check("source.rabbitmq.url", scheme(&u, &["amqp", "amqps"]).map(|()| u)));
+        let url = url.and_then(|u| p.check("source.rabbitmq.url", check::url(&u, &["amqp", "amqps"]).map(|_| u)));
         let queue = p.required("source.rabbitmq.queue", self.queue, "queue = \"orders\"");
         let queue = queue.and_then(|q| {
             let ok = !q.is_empty() && q.len() <= 255;
@@ -358,34 +325,14 @@ impl RawRabbit {
 impl RawDeliver {
     /// The steps, whether they come from a flow, and the ordering guard.
     fn validate(
-        self,
+        mut self,
         subscriber: &str,
         base_dir: &Path,
         p: &mut Problems,
     ) -> (Option<Vec<Step>>, bool, Option<VersionPointers>) {
-        let version = self.version.and_then(|v| {
-            let object = p.required("deliver.version.object", v.object, "object = \"/order_id\"");
-            let object = object.and_then(|o| p.check("deliver.version.object", pointer(&o).map(|()| o)));
-            let version = p.required("deliver.version.version", v.version, "version = \"/version\"");
-            let version = version.and_then(|o| p.check("deliver.version.version", pointer(&o).map(|()| o)));
-            Some(VersionPointers { object: object?, version: version? })
-        });
-        let Some(file) = self.flow else {
-            let raw = RawStep {
-                name: Some(subscriber.to_owned()),
-                method: self.method,
-                url: self.url,
-                body: self.body,
-                headers: self.headers,
-                key_strategy: None,
-                resend_on_change: None,
-                idempotency_header: self.idempotency_header,
-                capture: self.capture,
-                when_known: None,
-                guard: None,
-                on_unknown: self.on_unknown,
-            };
-            let step = flow::validate_step(raw, "deliver").map_err(|problems| p.0.extend(problems)).ok();
+        let version = self.version.take().and_then(|v| v.validate(p));
+        let Some(file) = self.flow.take() else {
+            let step = flow::validate_step(self.into_step(subscriber), "deliver", p);
             return (step.map(|s| vec![s]), false, version);
         };
         let beside = [
@@ -402,6 +349,37 @@ impl RawDeliver {
         }
         let path = base_dir.join(&file);
         (flow_steps(&path).map_err(|e| p.push("deliver.flow", e)).ok(), true, version)
+    }
+
+    /// `[deliver]` as the runner step it is, named after the subscriber.
+    fn into_step(self, subscriber: &str) -> RawStep {
+        RawStep {
+            name: Some(subscriber.to_owned()),
+            method: self.method,
+            url: self.url,
+            body: self.body,
+            headers: self.headers,
+            key_strategy: None,
+            resend_on_change: None,
+            idempotency_header: self.idempotency_header,
+            capture: self.capture,
+            when_known: None,
+            guard: None,
+            on_unknown: self.on_unknown,
+        }
+    }
+}
+
+impl RawVersion {
+    /// The ordering guard's two pointers, both required.
+    fn validate(self, p: &mut Problems) -> Option<VersionPointers> {
+        let pointer = |p: &mut Problems, at: &str, value: Option<String>, example: &str| {
+            let value = p.required(at, value, example)?;
+            p.check(at, check::pointer(&value).map(|()| value))
+        };
+        let object = pointer(p, "deliver.version.object", self.object, "object = \"/order_id\"");
+        let version = pointer(p, "deliver.version.version", self.version, "version = \"/version\"");
+        Some(VersionPointers { object: object?, version: version? })
     }
 }
 
@@ -420,25 +398,6 @@ fn flow_steps(path: &PathBuf) -> Result<Vec<Step>, String> {
     Ok(flow.steps)
 }
 
-fn admin_listener(
-    admin: RawAdmin,
-    env: &dyn Fn(&str) -> Option<String>,
-    p: &mut Problems,
-) -> Option<(SocketAddr, Option<String>)> {
-    let listen = p.required("admin.listen", admin.listen, "listen = \"127.0.0.1:8082\"")?;
-    let address: SocketAddr =
-        p.check("admin.listen", listen.parse().map_err(|_| format!("{listen:?} is not HOST:PORT")))?;
-    let token_env = admin.token_env.unwrap_or_else(|| "IDEM_ADMIN_TOKEN".into());
-    let token = env(&token_env).filter(|t| !t.is_empty());
-    if !address.ip().is_loopback() && token.is_none() {
-        p.push(
-            "admin.listen",
-            format_args!("{address} is not a loopback address, so it needs a token: set {token_env}"),
-        );
-    }
-    Some((address, token))
-}
-
 fn name(s: &str) -> Result<(), String> {
     let ok = !s.is_empty() && s.len() <= 100 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if ok { Ok(()) } else { Err(format!("{s:?}: letters, digits, '-', '_' and '.' only (1 to 100)")) }
@@ -449,41 +408,12 @@ fn nats_name(s: &str) -> Result<(), String> {
     if ok { Ok(()) } else { Err(format!("{s:?}: no spaces, '.', '*', '>', '/' or '\\\\'")) }
 }
 
-fn scheme(url: &str, allowed: &[&str]) -> Result<(), String> {
-    let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
-    if allowed.contains(&parsed.scheme()) {
-        Ok(())
-    } else {
-        Err(format!("the scheme must be one of {}", allowed.join(", ")))
-    }
-}
-
-fn pointer(s: &str) -> Result<(), String> {
-    if s.starts_with('/') { Ok(()) } else { Err(format!("{s:?} is not a JSON pointer: it starts with '/'")) }
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    match crate::core::units::parse_duration(s) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err("must be longer than zero".into()),
-        Err(e) => Err(e),
-    }
-}
-
-fn bounded<T: TryFrom<i64>>(n: i64, low: i64, high: i64) -> Result<T, String> {
-    if (low..=high).contains(&n) {
-        T::try_from(n).map_err(|_| format!("{n} is out of range"))
-    } else {
-        Err(format!("{n} is out of range {low}..={high}"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Consumer, ConsumerError> {
-        let raw: RawConsumer = parse_toml(text).map_err(|e| ConsumerError(vec![e]))?;
+    fn parse(text: &str) -> Result<Consumer, config::Error> {
+        let raw: RawConsumer = parse_toml(text).map_err(|e| config::Error(vec![e], Kind::Consumer))?;
         raw.validate(Path::new("."), &|_| None)
     }
 
@@ -537,6 +467,46 @@ mod tests {
         let pointer = problems(&NATS.replace("\"/version\"", "\"version\""));
         assert!(pointer.contains("deliver.version.version"), "{pointer}");
         let attempts = problems(&format!("max_attempts = 0\n{NATS}"));
-        assert!(attempts.contains("max_attempts: 0 is out of range"), "{attempts}");
+        // One bounds message in every file (it was "0 is out of range 1..=1000" here).
+        assert!(attempts.contains("max_attempts: 0 is not between 1 and 1000"), "{attempts}");
+    }
+
+    #[test]
+    fn message_id_refuses_unknown_keys_and_names_both_shapes() {
+        let problems = |message_id: &str| {
+            let text = NATS.replace("[deliver]", &format!("message_id = {message_id}\n[deliver]"));
+            parse(&text).expect_err("invalid").0.join("\n")
+        };
+        let unknown = problems("{ body = \"/id\", header = \"X-Id\" }");
+        assert!(unknown.contains("source.message_id.header: unknown field `header`, expected `body`"), "{unknown}");
+        let shape = problems("7");
+        assert!(
+            shape.contains(r#"source.message_id: invalid type: integer `7`, expected "header" or { body = "/id" }"#),
+            "{shape}"
+        );
+        let word = problems("\"body\"");
+        assert!(word.contains(r#"source.message_id: "body": say "header" or { body = "/id" }"#), "{word}");
+    }
+
+    #[test]
+    fn a_pointer_must_name_a_field() {
+        let problems = |text: &str| parse(text).expect_err("invalid").0.join("\n");
+        let body = problems(&NATS.replace("[deliver]", "message_id = { body = \"\" }\n[deliver]"));
+        assert!(body.contains("source.message_id.body: invalid JSON pointer \"\": it would name the whole"), "{body}");
+        let object = problems(&NATS.replace("\"/order_id\"", "\"\""));
+        assert!(object.contains("deliver.version.object: invalid JSON pointer \"\""), "{object}");
+        let capture = problems(&NATS.replace("[deliver]", "[deliver]\ncapture = { id = \"\" }"));
+        assert!(capture.contains("deliver.capture.id: invalid JSON pointer \"\""), "{capture}");
+    }
+
+    #[test]
+    fn admin_is_the_shared_table() {
+        let problems = |admin: &str| parse(&format!("{NATS}\n[admin]\n{admin}\n")).expect_err("invalid").0.join("\n");
+        assert!(problems("").contains("admin.listen: required"), "an [admin] table needs its listener");
+        let public = problems("listen = \"0.0.0.0:8082\"");
+        assert!(public.contains("admin.listen: 0.0.0.0:8082 is not a loopback address"), "{public}");
+        assert!(problems("listen = \"127.0.0.1:1\"\ntoken = \"x\"").contains("admin.token: unknown field"));
+        let consumer = parse(&format!("{NATS}\n[admin]\nlisten = \"127.0.0.1:8082\"\n")).expect("valid");
+        assert_eq!(consumer.admin.map(|(listen, token)| (listen.port(), token)), Some((8082, None)));
     }
 }

@@ -1,18 +1,23 @@
 //! The gateway's configuration: one serde tree read from TOML, overridden by flags and
 //! environment, then validated into typed values with every mistake named by its path.
+//!
+//! The reading, the checks and the `[admin]` table are the shared [`crate::config`] toolkit's;
+//! this file holds what only the gateway has: its keys, their defaults, and one small
+//! validator per table of a route.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use globset::GlobMatcher;
 use http::header::HeaderName;
 use http::{Method, Uri};
 use serde::Deserialize;
 
 use super::route::{ForwardKey, InFlight, KeySource, Route, TenantSource};
+use crate::config::{self, Admin, Alternative, Kind, OneOrMany, Problems, RawAdmin, WordOr, check, field};
 use crate::core::key::Normalize;
-use crate::core::units::{parse_duration, parse_size};
 use crate::core::{FingerprintSpec, OnUnknown};
 
 /// The config file as written. Every table refuses unknown keys.
@@ -21,7 +26,7 @@ use crate::core::{FingerprintSpec, OnUnknown};
 pub struct RawConfig {
     /// Client listener, `HOST:PORT`.
     pub listen: Option<String>,
-    /// The protected API, `http[s]://HOST[:PORT][/prefix]`.
+    /// The protected API, `http://HOST:PORT[/prefix]`.
     pub upstream: Option<String>,
     /// Store URL.
     pub store: Option<String>,
@@ -34,23 +39,13 @@ pub struct RawConfig {
     /// How often expired records are purged.
     pub purge_interval: Option<String>,
     /// At most this many client connections at once.
-    pub max_connections: Option<u64>,
+    pub max_connections: Option<i64>,
     /// The admin listener.
     #[serde(default)]
     pub admin: RawAdmin,
     /// Protected routes; first match wins.
     #[serde(default)]
     pub routes: Vec<RawRoute>,
-}
-
-/// `[admin]`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawAdmin {
-    /// Admin listener, `HOST:PORT`.
-    pub listen: Option<String>,
-    /// Name of the environment variable that holds the bearer token.
-    pub token_env: Option<String>,
 }
 
 /// `[[routes]]`.
@@ -107,25 +102,6 @@ pub struct RawKey {
     pub normalize: Option<Normalize>,
 }
 
-/// A string or a list of strings.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMany {
-    /// One.
-    One(String),
-    /// Several.
-    Many(Vec<String>),
-}
-
-impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
-        }
-    }
-}
-
 /// `fingerprint = { … }`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -147,29 +123,33 @@ pub struct RawTenant {
 }
 
 /// `in_flight = "reject"` or `{ wait = "5s" }`.
+pub type RawInFlight = WordOr<RawWait>;
+
+/// `in_flight = { wait = "5s" }`.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum RawInFlight {
-    /// `"reject"`.
-    Word(String),
-    /// `{ wait = "5s" }`.
-    Wait {
-        /// How long to wait.
-        wait: String,
-    },
+#[serde(deny_unknown_fields)]
+pub struct RawWait {
+    /// How long to wait.
+    pub wait: String,
+}
+
+impl Alternative for RawWait {
+    const EXPECTED: &'static str = "\"reject\" or { wait = \"5s\" }";
 }
 
 /// `forward_key = "as-is" | "strip" | "odata"` or `{ header = "…" }`.
+pub type RawForwardKey = WordOr<RawForwardHeader>;
+
+/// `forward_key = { header = "…" }`: rename the header.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum RawForwardKey {
-    /// A keyword.
-    Word(String),
-    /// Rename the header.
-    Header {
-        /// The header the upstream receives the key in.
-        header: String,
-    },
+#[serde(deny_unknown_fields)]
+pub struct RawForwardHeader {
+    /// The header the upstream receives the key in.
+    pub header: String,
+}
+
+impl Alternative for RawForwardHeader {
+    const EXPECTED: &'static str = "\"as-is\", \"strip\", \"odata\" or { header = \"…\" }";
 }
 
 /// Values given on the command line or in the environment; they win over the file.
@@ -197,6 +177,10 @@ pub enum Demo {
     StartUpstream,
 }
 
+/// The default cap on client connections: far above what one gateway serves at once on
+/// a few cores, and within the file descriptors a service is usually given.
+pub const MAX_CONNECTIONS: usize = 4096;
+
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -209,7 +193,7 @@ pub struct Config {
     /// Honour OData `Repeatability-*` headers.
     pub odata: bool,
     /// Admin listener and token.
-    pub admin: AdminConfig,
+    pub admin: Admin,
     /// Budget for a client to send its headers and body.
     pub client_timeout: Duration,
     /// How long graceful shutdown waits.
@@ -224,59 +208,245 @@ pub struct Config {
     pub routes: Vec<Route>,
 }
 
-/// The admin listener.
-#[derive(Clone, Debug)]
-pub struct AdminConfig {
-    /// Where it listens.
-    pub listen: SocketAddr,
-    /// The bearer token, when one is configured.
-    pub token: Option<String>,
-    /// The variable the token was read from, for messages.
-    pub token_env: String,
-}
-
-/// A configuration that cannot be used: every problem, each with its path.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration:\n  {}", .0.join("\n  "))]
-pub struct ConfigError(pub Vec<String>);
-
 /// Reads a TOML file into the raw tree; errors name the file, the key path and the line.
-pub fn read_file(path: &Path) -> Result<RawConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError(vec![format!("{}: cannot read: {e}", path.display())]))?;
-    parse_toml(&text).map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))
+pub fn read_file(path: &Path) -> Result<RawConfig, config::Error> {
+    config::read_toml(path, Kind::Gateway)
 }
 
-/// Parses TOML text into a raw tree (this config's, or a flow's), naming the path and line of
-/// a bad key.
-pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
-    let deserializer = toml::Deserializer::parse(text).map_err(|e| e.to_string())?;
-    serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let message = inner.message().to_owned();
-        let position =
-            inner.span().map(|span| line_of(text, span.start)).map(|l| format!(" (line {l})")).unwrap_or_default();
-        if path == "." { format!("{message}{position}") } else { format!("{path}: {message}{position}") }
-    })
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
-}
-
-/// Collects problems while validating, so all of them are reported at once.
-#[derive(Default)]
-struct Problems(Vec<String>);
-
-impl Problems {
-    fn check<T>(&mut self, path: &str, result: Result<T, String>) -> Option<T> {
-        result.map_err(|e| self.0.push(format!("{path}: {e}"))).ok()
+impl RawConfig {
+    /// Validates the tree (after overrides) into a [`Config`].
+    pub fn validate(
+        self,
+        overrides: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, config::Error> {
+        let mut p = Problems::default();
+        let text = |flag: &Option<String>, file: Option<String>, default: &str| {
+            flag.clone().or(file).unwrap_or_else(|| default.to_owned())
+        };
+        let listen = p.check("listen", check::socket_addr(&text(&overrides.listen, self.listen, "127.0.0.1:8080")));
+        let upstream =
+            p.check("upstream", upstream_uri(&text(&overrides.upstream, self.upstream, "http://127.0.0.1:9000")));
+        let store = text(&overrides.store, self.store, "sqlite://./idem.db");
+        let admin = RawAdmin { listen: overrides.admin_listen.clone().or(self.admin.listen), ..self.admin };
+        let admin = admin.validate(Some("127.0.0.1:8081"), env, &mut p);
+        let client_timeout = duration(&mut p, "client_timeout", self.client_timeout, "30s");
+        let shutdown_grace = duration(&mut p, "shutdown_grace", self.shutdown_grace, "30s");
+        let purge_interval = duration(&mut p, "purge_interval", self.purge_interval, "60s");
+        let max_connections = match self.max_connections {
+            None => Some(MAX_CONNECTIONS),
+            Some(n) => p.check("max_connections", check::bounded(n, 1, 1_000_000)),
+        };
+        let routes = validate_routes(self.routes, &mut p);
+        let config = || {
+            Some(Config {
+                listen: listen?,
+                upstream: upstream?,
+                store,
+                odata: self.odata.unwrap_or(false),
+                admin: admin?,
+                client_timeout: client_timeout?,
+                shutdown_grace: shutdown_grace?,
+                purge_interval: purge_interval?,
+                max_connections: max_connections?,
+                demo: overrides.demo,
+                routes,
+            })
+        };
+        p.finish(Kind::Gateway, config())
     }
 }
 
-fn socket_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|_| format!("invalid address {s:?}; write HOST:PORT with an IP, e.g. \"127.0.0.1:8080\""))
+/// The routes in order (one default route when none is written); names must be unique.
+fn validate_routes(raw: Vec<RawRoute>, p: &mut Problems) -> Vec<Route> {
+    let raw = if raw.is_empty() { vec![RawRoute::default()] } else { raw };
+    let mut routes = Vec::new();
+    let mut names = BTreeMap::new();
+    for (i, raw) in raw.into_iter().enumerate() {
+        let at = format!("routes[{i}]");
+        let Some(route) = raw.validate(&at, p) else { continue };
+        if let Some(first) = names.insert(route.name.clone(), i) {
+            p.push(&field(&at, "name"), format_args!("{:?} is already the name of routes[{first}]", route.name));
+        }
+        routes.push(route);
+    }
+    routes
+}
+
+impl RawRoute {
+    /// One route; `None` when any of its keys is wrong (every mistake is recorded).
+    fn validate(self, at: &str, p: &mut Problems) -> Option<Route> {
+        let problems_before = p.len();
+        let name = route_name(self.name.unwrap_or_else(|| "default".into()), &field(at, "name"), p);
+        let methods = methods(self.methods.unwrap_or_else(|| vec!["POST".into(), "PATCH".into()]), at, p);
+        let path = self.path.unwrap_or_else(|| "/**".into());
+        let matcher = p.check(&field(at, "path"), glob(&path));
+        let ttl = duration(p, &field(at, "ttl"), self.ttl, "24h");
+        let lease = lease(p, &field(at, "lease"), self.lease);
+        let upstream_timeout = duration(p, &field(at, "upstream_timeout"), self.upstream_timeout, "30s");
+        let max_body = size(p, &field(at, "max_body"), self.max_body, "1MiB");
+        let max_stored_response = size(p, &field(at, "max_stored_response"), self.max_stored_response, "1MiB");
+        let raw_key = self.key.unwrap_or_default();
+        let (required, normalize) = (raw_key.required.unwrap_or(false), raw_key.normalize.unwrap_or_default());
+        let key = raw_key.validate(&field(at, "key"), p);
+        let fingerprint = self.fingerprint.unwrap_or_default().validate(&field(at, "fingerprint"), p);
+        let tenant = tenant(self.tenant, &field(at, "tenant"), p);
+        let in_flight = in_flight(self.in_flight, &field(at, "in_flight"), p);
+        let forward_key = forward_key(self.forward_key, &field(at, "forward_key"), p);
+        let denylist = self.replay_header_denylist.unwrap_or_else(|| vec!["set-cookie".into()]);
+        let replay_denylist = header_names(&denylist, &field(at, "replay_header_denylist"), p);
+        if p.len() > problems_before {
+            return None;
+        }
+        Some(Route {
+            name,
+            methods,
+            path,
+            matcher: matcher?,
+            ttl: ttl?,
+            key: key?,
+            required,
+            normalize,
+            fingerprint: fingerprint?,
+            tenant: tenant?,
+            in_flight: in_flight?,
+            lease: lease?,
+            upstream_timeout: upstream_timeout?,
+            on_unknown: self.on_unknown.unwrap_or_default(),
+            store_server_errors: self.store_server_errors.unwrap_or(false),
+            forward_key: forward_key?,
+            max_body: max_body?,
+            max_stored_response: max_stored_response?,
+            replay_denylist,
+        })
+    }
+}
+
+impl RawKey {
+    /// Where the key comes from: exactly one of a header, body pointers or the fingerprint
+    /// (the `Idempotency-Key` header when none is given).
+    fn validate(self, at: &str, p: &mut Problems) -> Option<KeySource> {
+        match (self.header, self.body, self.fingerprint) {
+            (Some(h), None, None | Some(false)) => {
+                p.check(&field(at, "header"), check::header_name(&h)).map(KeySource::Header)
+            }
+            (None, Some(b), None | Some(false)) => {
+                p.check(&field(at, "body"), check::pointers(b.into_vec())).map(KeySource::Body)
+            }
+            (None, None, Some(true)) => Some(KeySource::Fingerprint),
+            (None, None, None | Some(false)) => Some(KeySource::Header(HeaderName::from_static("idempotency-key"))),
+            _ => {
+                p.push(at, "give exactly one of header, body or fingerprint = true");
+                None
+            }
+        }
+    }
+}
+
+impl RawFingerprint {
+    /// The header allowlist (default `content-type`) and the include/exclude pointers.
+    fn validate(self, at: &str, p: &mut Problems) -> Option<FingerprintSpec> {
+        let headers = self.headers.unwrap_or_else(|| vec!["content-type".into()]);
+        let headers = header_names(&headers, &field(at, "headers"), p);
+        let include = p.check(&field(at, "include"), check::pointers(self.include.unwrap_or_default()));
+        let exclude = p.check(&field(at, "exclude"), check::pointers(self.exclude.unwrap_or_default()));
+        Some(FingerprintSpec {
+            headers: headers.iter().map(|h| h.as_str().to_owned()).collect(),
+            include: include?,
+            exclude: exclude?,
+        })
+    }
+}
+
+/// 1–128 visible ASCII characters: the name is the scope of the route's records.
+fn route_name(name: String, at: &str, p: &mut Problems) -> String {
+    if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_graphic()) {
+        p.push(at, format_args!("{name:?} must be 1-128 visible ASCII characters"));
+    }
+    name
+}
+
+/// The protected methods; GET and HEAD are safe by definition and never claimed.
+fn methods(raw: Vec<String>, at: &str, p: &mut Problems) -> Vec<Method> {
+    let protected = |m: &String| {
+        let method = check::method(m)?;
+        if method == Method::GET || method == Method::HEAD {
+            return Err(format!("{method} is never claimed: GET and HEAD are safe and pass through"));
+        }
+        Ok(method)
+    };
+    raw.iter().enumerate().filter_map(|(i, m)| p.check(&format!("{at}.methods[{i}]"), protected(m))).collect()
+}
+
+/// A path glob: `*` stays within a segment, `**` crosses segments.
+fn glob(glob: &str) -> Result<GlobMatcher, String> {
+    globset::GlobBuilder::new(glob)
+        .literal_separator(true)
+        .build()
+        .map(|g| g.compile_matcher())
+        .map_err(|e| format!("invalid glob {glob:?}: {e}"))
+}
+
+/// The lease: renewed every third of it, so a shorter one would renew faster than a store
+/// round trip.
+fn lease(p: &mut Problems, at: &str, value: Option<String>) -> Option<Duration> {
+    let lease = duration(p, at, value, "30s")?;
+    if lease < Duration::from_millis(100) {
+        p.push(at, "must be at least 100ms");
+        return None;
+    }
+    Some(lease)
+}
+
+/// `tenant = { header = "…" }`, or the hash of the credential when none is given.
+fn tenant(raw: Option<RawTenant>, at: &str, p: &mut Problems) -> Option<TenantSource> {
+    match raw.and_then(|t| t.header) {
+        Some(h) => p.check(&field(at, "header"), check::header_name(&h)).map(TenantSource::Header),
+        None => Some(TenantSource::Credential),
+    }
+}
+
+fn in_flight(raw: Option<RawInFlight>, at: &str, p: &mut Problems) -> Option<InFlight> {
+    match raw {
+        None => Some(InFlight::Reject),
+        Some(WordOr::Word(w)) if w == "reject" => Some(InFlight::Reject),
+        Some(WordOr::Word(w)) => {
+            p.push(at, format_args!("{w:?} is not {}", RawWait::EXPECTED));
+            None
+        }
+        Some(WordOr::Table(RawWait { wait })) => duration(p, &field(at, "wait"), Some(wait), "").map(InFlight::Wait),
+    }
+}
+
+fn forward_key(raw: Option<RawForwardKey>, at: &str, p: &mut Problems) -> Option<ForwardKey> {
+    match raw {
+        None => Some(ForwardKey::AsIs),
+        Some(WordOr::Word(w)) => match w.as_str() {
+            "as-is" => Some(ForwardKey::AsIs),
+            "strip" => Some(ForwardKey::Strip),
+            "odata" => Some(ForwardKey::OData),
+            _ => {
+                p.push(at, format_args!("{w:?} is not {}", RawForwardHeader::EXPECTED));
+                None
+            }
+        },
+        Some(WordOr::Table(RawForwardHeader { header })) => {
+            p.check(&field(at, "header"), check::header_name(&header)).map(ForwardKey::Rename)
+        }
+    }
+}
+
+/// Header names, each mistake named by its index (`headers[1]`).
+fn header_names(raw: &[String], at: &str, p: &mut Problems) -> Vec<HeaderName> {
+    raw.iter().enumerate().filter_map(|(i, h)| p.check(&format!("{at}[{i}]"), check::header_name(h))).collect()
+}
+
+fn duration(p: &mut Problems, at: &str, value: Option<String>, default: &str) -> Option<Duration> {
+    p.check(at, check::duration(value.as_deref().unwrap_or(default)))
+}
+
+fn size(p: &mut Problems, at: &str, value: Option<String>, default: &str) -> Option<u64> {
+    p.check(at, check::size(value.as_deref().unwrap_or(default)))
 }
 
 fn upstream_uri(s: &str) -> Result<Uri, String> {
@@ -290,248 +460,11 @@ fn upstream_uri(s: &str) -> Result<Uri, String> {
     }
 }
 
-/// The default cap on client connections: far above what one gateway serves at once on
-/// a few cores, and within the file descriptors a service is usually given.
-pub const MAX_CONNECTIONS: usize = 4096;
-
-fn connection_cap(value: Option<u64>) -> Result<usize, String> {
-    match value {
-        None => Ok(MAX_CONNECTIONS),
-        Some(n @ 1..=1_000_000) => Ok(n as usize),
-        Some(n) => Err(format!("{n} is not between 1 and 1000000")),
-    }
-}
-
-fn header_name(s: &str) -> Result<HeaderName, String> {
-    HeaderName::try_from(s).map_err(|_| format!("invalid header name {s:?}"))
-}
-
-fn pointer(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.starts_with('/') {
-        Ok(s.to_owned())
-    } else {
-        Err(format!("invalid JSON pointer {s:?}; it must start with '/', e.g. \"/order_id\""))
-    }
-}
-
-fn pointers(list: Vec<String>) -> Result<Vec<String>, String> {
-    list.iter().map(|p| pointer(p)).collect()
-}
-
-impl RawConfig {
-    /// Validates the tree (after overrides) into a [`Config`].
-    pub fn validate(self, overrides: &Overrides, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut p = Problems::default();
-        let text = |flag: &Option<String>, file: Option<String>, default: &str| {
-            flag.clone().or(file).unwrap_or_else(|| default.to_owned())
-        };
-        let listen = p.check("listen", socket_addr(&text(&overrides.listen, self.listen, "127.0.0.1:8080")));
-        let upstream =
-            p.check("upstream", upstream_uri(&text(&overrides.upstream, self.upstream, "http://127.0.0.1:9000")));
-        let store = text(&overrides.store, self.store, "sqlite://./idem.db");
-        let admin_listen =
-            p.check("admin.listen", socket_addr(&text(&overrides.admin_listen, self.admin.listen, "127.0.0.1:8081")));
-        let token_env = self.admin.token_env.unwrap_or_else(|| "IDEM_ADMIN_TOKEN".into());
-        let token = env(&token_env).filter(|t| !t.is_empty());
-        if let Some(addr) = admin_listen {
-            if !addr.ip().is_loopback() && token.is_none() {
-                p.0.push(format!(
-                    "admin.listen: {addr} is not a loopback address, so the admin API needs a bearer token: set {token_env}"
-                ));
-            }
-        }
-        let duration = |p: &mut Problems, path: &str, value: Option<String>, default: &str| {
-            p.check(path, parse_duration(value.as_deref().unwrap_or(default)))
-        };
-        let client_timeout = duration(&mut p, "client_timeout", self.client_timeout, "30s");
-        let shutdown_grace = duration(&mut p, "shutdown_grace", self.shutdown_grace, "30s");
-        let purge_interval = duration(&mut p, "purge_interval", self.purge_interval, "60s");
-        let max_connections = p.check("max_connections", connection_cap(self.max_connections));
-        let raw_routes = if self.routes.is_empty() { vec![RawRoute::default()] } else { self.routes };
-        let mut routes = Vec::new();
-        let mut names = BTreeMap::new();
-        for (i, raw) in raw_routes.into_iter().enumerate() {
-            let path = format!("routes[{i}]");
-            if let Some(route) = raw.validate(&path, &mut p) {
-                if let Some(first) = names.insert(route.name.clone(), i) {
-                    p.0.push(format!("{path}.name: {:?} is already the name of routes[{first}]", route.name));
-                }
-                routes.push(route);
-            }
-        }
-        if !p.0.is_empty() {
-            return Err(ConfigError(p.0));
-        }
-        match (listen, upstream, admin_listen, client_timeout, shutdown_grace, purge_interval, max_connections) {
-            (
-                Some(listen),
-                Some(upstream),
-                Some(admin_listen),
-                Some(client_timeout),
-                Some(shutdown_grace),
-                Some(purge_interval),
-                Some(max_connections),
-            ) => Ok(Config {
-                listen,
-                upstream,
-                store,
-                odata: self.odata.unwrap_or(false),
-                admin: AdminConfig { listen: admin_listen, token, token_env },
-                client_timeout,
-                shutdown_grace,
-                purge_interval,
-                max_connections,
-                demo: overrides.demo,
-                routes,
-            }),
-            _ => Err(ConfigError(vec!["invalid configuration".into()])),
-        }
-    }
-}
-
-impl RawRoute {
-    fn validate(self, at: &str, p: &mut Problems) -> Option<Route> {
-        let problems_before = p.0.len();
-        let name = self.name.unwrap_or_else(|| "default".into());
-        if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_graphic()) {
-            p.0.push(format!("{at}.name: {name:?} must be 1-128 visible ASCII characters"));
-        }
-        let methods: Vec<Method> = self
-            .methods
-            .unwrap_or_else(|| vec!["POST".into(), "PATCH".into()])
-            .iter()
-            .enumerate()
-            .filter_map(|(i, m)| {
-                let upper = m.to_ascii_uppercase();
-                let method = Method::from_bytes(upper.as_bytes()).map_err(|_| format!("invalid method {m:?}"));
-                let method = method.and_then(|m| {
-                    if m == Method::GET || m == Method::HEAD {
-                        Err(format!("{m} is never claimed: GET and HEAD are safe and pass through"))
-                    } else {
-                        Ok(m)
-                    }
-                });
-                p.check(&format!("{at}.methods[{i}]"), method)
-            })
-            .collect();
-        let glob = self.path.unwrap_or_else(|| "/**".into());
-        let matcher = p.check(
-            &format!("{at}.path"),
-            globset::GlobBuilder::new(&glob)
-                .literal_separator(true)
-                .build()
-                .map(|g| g.compile_matcher())
-                .map_err(|e| format!("invalid glob {glob:?}: {e}")),
-        );
-        let duration = |p: &mut Problems, key: &str, value: Option<String>, default: &str| {
-            p.check(&format!("{at}.{key}"), parse_duration(value.as_deref().unwrap_or(default)))
-        };
-        let ttl = duration(p, "ttl", self.ttl, "24h");
-        let lease = duration(p, "lease", self.lease, "30s");
-        let upstream_timeout = duration(p, "upstream_timeout", self.upstream_timeout, "30s");
-        if lease.is_some_and(|l| l < Duration::from_millis(100)) {
-            p.0.push(format!("{at}.lease: must be at least 100ms"));
-        }
-        let size = |p: &mut Problems, key: &str, value: Option<String>, default: &str| {
-            p.check(&format!("{at}.{key}"), parse_size(value.as_deref().unwrap_or(default)))
-        };
-        let max_body = size(p, "max_body", self.max_body, "1MiB");
-        let max_stored_response = size(p, "max_stored_response", self.max_stored_response, "1MiB");
-        let raw_key = self.key.unwrap_or_default();
-        let required = raw_key.required.unwrap_or(false);
-        let normalize = raw_key.normalize.unwrap_or_default();
-        let key = match (raw_key.header, raw_key.body, raw_key.fingerprint) {
-            (Some(h), None, None | Some(false)) => {
-                p.check(&format!("{at}.key.header"), header_name(&h)).map(KeySource::Header)
-            }
-            (None, Some(b), None | Some(false)) => {
-                p.check(&format!("{at}.key.body"), pointers(b.into_vec())).map(KeySource::Body)
-            }
-            (None, None, Some(true)) => Some(KeySource::Fingerprint),
-            (None, None, None | Some(false)) => Some(KeySource::Header(HeaderName::from_static("idempotency-key"))),
-            _ => {
-                p.0.push(format!("{at}.key: give exactly one of header, body or fingerprint = true"));
-                None
-            }
-        };
-        let raw_fp = self.fingerprint.unwrap_or_default();
-        let fp_headers = raw_fp.headers.unwrap_or_else(|| vec!["content-type".into()]);
-        let fp_headers: Vec<String> = fp_headers
-            .iter()
-            .enumerate()
-            .filter_map(|(i, h)| {
-                p.check(&format!("{at}.fingerprint.headers[{i}]"), header_name(h)).map(|h| h.as_str().to_owned())
-            })
-            .collect();
-        let include = p.check(&format!("{at}.fingerprint.include"), pointers(raw_fp.include.unwrap_or_default()));
-        let exclude = p.check(&format!("{at}.fingerprint.exclude"), pointers(raw_fp.exclude.unwrap_or_default()));
-        let tenant = match self.tenant.and_then(|t| t.header) {
-            Some(h) => p.check(&format!("{at}.tenant.header"), header_name(&h)).map(TenantSource::Header),
-            None => Some(TenantSource::Credential),
-        };
-        let in_flight = match self.in_flight {
-            None => Some(InFlight::Reject),
-            Some(RawInFlight::Word(w)) if w == "reject" => Some(InFlight::Reject),
-            Some(RawInFlight::Word(w)) => {
-                p.0.push(format!("{at}.in_flight: {w:?} is not \"reject\" or {{ wait = \"5s\" }}"));
-                None
-            }
-            Some(RawInFlight::Wait { wait }) => duration(p, "in_flight.wait", Some(wait), "").map(InFlight::Wait),
-        };
-        let forward_key = match self.forward_key {
-            None => Some(ForwardKey::AsIs),
-            Some(RawForwardKey::Word(w)) => match w.as_str() {
-                "as-is" => Some(ForwardKey::AsIs),
-                "strip" => Some(ForwardKey::Strip),
-                "odata" => Some(ForwardKey::OData),
-                _ => {
-                    p.0.push(format!(
-                        "{at}.forward_key: {w:?} is not \"as-is\", \"strip\", \"odata\" or {{ header = \"…\" }}"
-                    ));
-                    None
-                }
-            },
-            Some(RawForwardKey::Header { header }) => {
-                p.check(&format!("{at}.forward_key.header"), header_name(&header)).map(ForwardKey::Rename)
-            }
-        };
-        let denylist: Vec<HeaderName> = self
-            .replay_header_denylist
-            .unwrap_or_else(|| vec!["set-cookie".into()])
-            .iter()
-            .enumerate()
-            .filter_map(|(i, h)| p.check(&format!("{at}.replay_header_denylist[{i}]"), header_name(h)))
-            .collect();
-        if p.0.len() > problems_before {
-            return None;
-        }
-        Some(Route {
-            name,
-            methods,
-            path: glob,
-            matcher: matcher?,
-            ttl: ttl?,
-            key: key?,
-            required,
-            normalize,
-            fingerprint: FingerprintSpec { headers: fp_headers, include: include?, exclude: exclude? },
-            tenant: tenant?,
-            in_flight: in_flight?,
-            lease: lease?,
-            upstream_timeout: upstream_timeout?,
-            on_unknown: self.on_unknown.unwrap_or_default(),
-            store_server_errors: self.store_server_errors.unwrap_or(false),
-            forward_key: forward_key?,
-            max_body: max_body?,
-            max_stored_response: max_stored_response?,
-            replay_denylist: denylist,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::config::parse_toml;
 
     fn validate(text: &str) -> Result<Config, String> {
         let raw: RawConfig = parse_toml(text)?;
@@ -622,5 +555,60 @@ mod tests {
     fn two_key_sources_are_refused() {
         let err = validate("[[routes]]\nkey = { header = \"A\", body = \"/a\" }\n").unwrap_err();
         assert!(err.contains("routes[0].key"), "{err}");
+    }
+
+    #[test]
+    fn the_word_or_table_keys_refuse_unknown_keys() {
+        let err = validate("[[routes]]\nin_flight = { wait = \"5s\", typo = 1 }\n").unwrap_err();
+        assert!(err.contains("routes[0].in_flight.typo: unknown field `typo`, expected `wait` (line 2)"), "{err}");
+        let err = validate("[[routes]]\nforward_key = { header = \"X-Key\", as = \"strip\" }\n").unwrap_err();
+        assert!(err.contains("routes[0].forward_key.as: unknown field `as`, expected `header`"), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_shape_names_the_shapes_it_may_take() {
+        let err = validate("[[routes]]\nin_flight = 5\n").unwrap_err();
+        assert!(
+            err.contains(r#"routes[0].in_flight: invalid type: integer `5`, expected "reject" or { wait = "5s" }"#),
+            "{err}"
+        );
+        let err = validate("[[routes]]\nforward_key = true\n").unwrap_err();
+        assert!(err.contains(r#"expected "as-is", "strip", "odata" or { header = "…" }"#), "{err}");
+        let err = validate("[[routes]]\nkey = { body = { a = \"/a\" } }\n").unwrap_err();
+        assert!(err.contains("routes[0].key.body: invalid type: map, expected a string or a list of strings"), "{err}");
+        let err = validate("[[routes]]\nin_flight = \"queue\"\n").unwrap_err();
+        assert!(err.contains(r#"routes[0].in_flight: "queue" is not "reject" or { wait = "5s" }"#), "{err}");
+    }
+
+    #[test]
+    fn a_pointer_must_name_a_field() {
+        // The gateway used to take "" (RFC 6901's whole document) where the runner and the
+        // consumer refused it; a key or a fingerprint over the whole body is a mistake.
+        for route in ["key = { body = \"\" }", "key = { body = [\"/a\", \"\"] }", "fingerprint = { include = [\"\"] }"]
+        {
+            let err = validate(&format!("[[routes]]\n{route}\n")).unwrap_err();
+            assert!(err.contains("invalid JSON pointer \"\": it would name the whole document"), "{route}: {err}");
+        }
+        let err = validate("[[routes]]\nfingerprint = { exclude = [\"/a\", \"b\"] }\n").unwrap_err();
+        assert!(err.contains("routes[0].fingerprint.exclude: invalid JSON pointer \"b\""), "{err}");
+        let config = validate("[[routes]]\nkey = { body = [\"/tenant\", \"/id\"] }\n").unwrap();
+        assert_eq!(config.routes[0].key, KeySource::Body(vec!["/tenant".into(), "/id".into()]));
+    }
+
+    #[test]
+    fn a_duration_must_be_more_than_zero() {
+        // `purge_interval = "0s"` used to validate and then panic the purge loop's timer.
+        let err = validate("purge_interval = \"0s\"\nshutdown_grace = \"0ms\"\n[[routes]]\nttl = \"0s\"\nin_flight = { wait = \"0s\" }\n")
+            .unwrap_err();
+        for needle in [
+            "purge_interval: \"0s\" must be more than zero",
+            "shutdown_grace: \"0ms\" must be more than zero",
+            "routes[0].ttl: \"0s\" must be more than zero",
+            "routes[0].in_flight.wait: \"0s\" must be more than zero",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from {err}");
+        }
+        let err = validate("[[routes]]\nlease = \"50ms\"\n").unwrap_err();
+        assert!(err.contains("routes[0].lease: must be at least 100ms"), "{err}");
     }
 }

@@ -505,8 +505,9 @@ mod tests {
     use http_body_util::Full;
 
     use super::*;
+    use crate::config::parse_toml;
     use crate::core::{ClaimPolicy, Resolution};
-    use crate::gateway::config::{Overrides, RawConfig, parse_toml};
+    use crate::gateway::config::{Overrides, RawConfig};
     use crate::store::{Claim, Error, ListQuery, Page, StatRow};
 
     /// A store whose every operation fails, as when its server is unreachable.

@@ -2,20 +2,19 @@
 //! into a typed [`Flow`] with every mistake named by its path (`steps[1].url`).
 //!
 //! Key names are public contract. Beyond SPEC §5 a flow also takes `timeout` (per call),
-//! `headers` on a step and `body` on `when_known`.
+//! `headers` on a step and `body` on `when_known`. Reading, the problem collector and the
+//! value checks are the shared [`crate::config`] toolkit's.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderName, Method};
 use serde::Deserialize;
 
 use super::template::{JsonTemplate, Part, Placeholder, Template};
+use crate::config::{self, Kind, Problems, check, field, parse_toml};
 use crate::core::OnUnknown;
-use crate::core::units::parse_duration;
-use crate::gateway::config::parse_toml;
 
 /// The flow file as written. Every table refuses unknown keys.
 #[derive(Debug, Default, Deserialize)]
@@ -216,27 +215,19 @@ pub struct WhenKnown {
     pub body: Option<JsonTemplate>,
 }
 
-/// A flow that cannot be used: every problem, each with its path.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid flow:\n  {}", .0.join("\n  "))]
-pub struct FlowError(pub Vec<String>);
-
 /// The store used when the flow names none.
 pub const DEFAULT_STORE: &str = "sqlite://./idem.db";
 
 /// Reads and validates a flow file; relative source paths are resolved against its directory
 /// and every problem is prefixed with the file's path.
-pub fn load(path: &Path) -> Result<Flow, FlowError> {
-    let in_file =
-        |problems: Vec<String>| FlowError(problems.into_iter().map(|p| format!("{}: {p}", path.display())).collect());
-    let text = std::fs::read_to_string(path).map_err(|e| in_file(vec![format!("cannot read: {e}")]))?;
-    let raw: RawFlow = parse_toml(&text).map_err(|e| in_file(vec![e]))?;
-    raw.validate(Some(path.parent().unwrap_or(Path::new("")))).map_err(|e| in_file(e.0))
+pub fn load(path: &Path) -> Result<Flow, config::Error> {
+    let raw: RawFlow = config::read_toml(path, Kind::Flow)?;
+    raw.validate(Some(path.parent().unwrap_or(Path::new("")))).map_err(|e| e.in_file(path))
 }
 
 /// Parses and validates flow text; relative source paths stay relative to the working directory.
-pub fn parse(text: &str) -> Result<Flow, FlowError> {
-    let raw: RawFlow = parse_toml(text).map_err(|e| FlowError(vec![e]))?;
+pub fn parse(text: &str) -> Result<Flow, config::Error> {
+    let raw: RawFlow = parse_toml(text).map_err(|e| config::Error(vec![e], Kind::Flow))?;
     raw.validate(None)
 }
 
@@ -247,40 +238,12 @@ impl Flow {
     }
 }
 
-/// Collects problems while validating, so all of them are reported at once.
-#[derive(Default)]
-struct Problems(Vec<String>);
-
-impl Problems {
-    fn push(&mut self, path: &str, message: impl Display) {
-        self.0.push(format!("{path}: {message}"));
-    }
-
-    fn check<T>(&mut self, path: &str, result: Result<T, String>) -> Option<T> {
-        result.map_err(|e| self.push(path, e)).ok()
-    }
-
-    /// A required value: `None` is reported as missing.
-    fn required<T>(&mut self, path: &str, value: Option<T>, example: &str) -> Option<T> {
-        if value.is_none() {
-            self.push(path, format_args!("required, e.g. {example}"));
-        }
-        value
-    }
-
-    fn json_template(&mut self, path: &str, value: &toml::Value) -> Option<JsonTemplate> {
-        JsonTemplate::from_toml(value)
-            .map_err(|problems| problems.into_iter().for_each(|(at, e)| self.push(&format!("{path}{at}"), e)))
-            .ok()
-    }
-}
-
 /// Step names and the captures each declares, as written, for checking `{{steps.S.C}}`.
 type Captures = HashMap<String, BTreeSet<String>>;
 
 impl RawFlow {
     /// Validates the tree into a [`Flow`]; `base_dir` is where relative source paths start.
-    pub fn validate(self, base_dir: Option<&Path>) -> Result<Flow, FlowError> {
+    pub fn validate(self, base_dir: Option<&Path>) -> Result<Flow, config::Error> {
         let mut p = Problems::default();
         let name = p.required("flow", self.flow, "flow = \"orders-to-accounting\"");
         let name = name.and_then(|n| p.check("flow", flow_name(n)));
@@ -288,28 +251,31 @@ impl RawFlow {
         if store.trim().is_empty() {
             p.push("store", "must not be empty");
         }
-        let retention = p.check("retention", positive_duration(self.retention.as_deref().unwrap_or("7d")));
-        let concurrency = p.check("concurrency", bounded(self.concurrency.unwrap_or(8), 1, 1024));
+        let retention = p.check("retention", check::duration(self.retention.as_deref().unwrap_or("7d")));
+        let concurrency = p.check("concurrency", check::bounded(self.concurrency.unwrap_or(8), 1, 1024));
         let rate_limit = match self.rate_limit {
             None => Some(None),
             Some(r) => p.check("rate_limit", rate(&r)).map(Some),
         };
-        let max_attempts = p.check("max_attempts", bounded(self.max_attempts.unwrap_or(5), 1, 100));
-        let timeout = p.check("timeout", positive_duration(self.timeout.as_deref().unwrap_or("30s")));
+        let max_attempts = p.check("max_attempts", check::bounded(self.max_attempts.unwrap_or(5), 1, 100));
+        let timeout = p.check("timeout", check::duration(self.timeout.as_deref().unwrap_or("30s")));
         let source = p.required("source", self.source, "[source] with jsonl = \"orders.jsonl\"");
         let source = source.and_then(|s| s.validate(base_dir, &mut p));
         let steps = validate_steps(self.steps, &mut p);
-        let (Some(name), Some(retention), Some(concurrency), Some(rate_limit), Some(max_attempts), Some(timeout)) =
-            (name, retention, concurrency, rate_limit, max_attempts, timeout)
-        else {
-            return Err(FlowError(p.0));
+        let flow = || {
+            Some(Flow {
+                name: name?,
+                store,
+                retention: retention?,
+                concurrency: concurrency?,
+                rate_limit: rate_limit?,
+                max_attempts: max_attempts?,
+                timeout: timeout?,
+                source: source?,
+                steps: steps?,
+            })
         };
-        match (source, steps) {
-            (Some(source), Some(steps)) if p.0.is_empty() => {
-                Ok(Flow { name, store, retention, concurrency, rate_limit, max_attempts, timeout, source, steps })
-            }
-            _ => Err(FlowError(p.0)),
-        }
+        p.finish(Kind::Flow, flow())
     }
 }
 
@@ -364,14 +330,12 @@ impl RawPostgres {
     }
 }
 
-/// Validates one step on its own (a consumer's `[deliver]`), its problems named under `at`.
+/// Validates one step on its own (a consumer's `[deliver]`), its problems recorded under `at`.
 /// It may not refer to other steps' captures: there are none.
-pub fn validate_step(raw: RawStep, at: &str) -> Result<Step, Vec<String>> {
-    let mut p = Problems::default();
-    match raw.validate(at, &Captures::new(), &mut p) {
-        Some(step) if p.0.is_empty() => Ok(step),
-        _ => Err(p.0),
-    }
+pub fn validate_step(raw: RawStep, at: &str, p: &mut Problems) -> Option<Step> {
+    let problems_before = p.len();
+    let step = raw.validate(at, &Captures::new(), p);
+    step.filter(|_| p.len() == problems_before)
 }
 
 fn validate_steps(raw: Vec<RawStep>, p: &mut Problems) -> Option<Vec<Step>> {
@@ -379,7 +343,7 @@ fn validate_steps(raw: Vec<RawStep>, p: &mut Problems) -> Option<Vec<Step>> {
         p.push("steps", "a flow needs at least one [[steps]]");
         return None;
     }
-    let problems_before = p.0.len();
+    let problems_before = p.len();
     let mut earlier = Captures::new();
     let mut first_index = HashMap::new();
     let mut steps = Vec::new();
@@ -398,64 +362,36 @@ fn validate_steps(raw: Vec<RawStep>, p: &mut Problems) -> Option<Vec<Step>> {
             earlier.entry(name).or_insert(captures);
         }
     }
-    (p.0.len() == problems_before).then_some(steps)
+    (p.len() == problems_before).then_some(steps)
 }
 
 impl RawStep {
     fn validate(self, at: &str, earlier: &Captures, p: &mut Problems) -> Option<Step> {
-        let problems_before = p.0.len();
-        let path = |key: &str| format!("{at}.{key}");
-        let name = p.required(&path("name"), self.name, "name = \"invoice\"");
-        let name = name.and_then(|n| p.check(&path("name"), step_name(n)));
-        let method = p.check(&path("method"), parse_method(self.method.as_deref().unwrap_or("POST")));
-        let url = p.required(&path("url"), self.url, "url = \"https://api.example.com/invoices\"");
-        let url = url.and_then(|u| p.check(&path("url"), url_template(&u)));
-        let body = self.body.as_ref().map(|b| p.json_template(&path("body"), b));
-        let idempotency_header = match self.idempotency_header.as_deref().unwrap_or("Idempotency-Key") {
-            "" => Some(None),
-            h => p.check(&path("idempotency_header"), header_name(h)).map(Some),
+        let problems_before = p.len();
+        let name = p.required(&field(at, "name"), self.name, "name = \"invoice\"");
+        let name = name.and_then(|n| p.check(&field(at, "name"), step_name(n)));
+        let method = p.check(&field(at, "method"), check::method(self.method.as_deref().unwrap_or("POST")));
+        let url = p.required(&field(at, "url"), self.url, "url = \"https://api.example.com/invoices\"");
+        let url = url.and_then(|u| p.check(&field(at, "url"), url_template(&u)));
+        let body = self.body.as_ref().map(|b| json_template(p, &field(at, "body"), b));
+        let idempotency_header = idempotency_header(self.idempotency_header.as_deref(), at, p);
+        let key_header = idempotency_header.as_ref().and_then(Option::as_ref);
+        let headers = validate_headers(at, self.headers.unwrap_or_default(), key_header, p);
+        let capture = validate_captures(at, self.capture.unwrap_or_default(), p);
+        let when_known = self.when_known.map(|w| w.validate(&field(at, "when_known"), !capture.is_empty(), p));
+        let settings = Settings {
+            key_strategy: self.key_strategy.unwrap_or_default(),
+            resend_on_change: self.resend_on_change.unwrap_or(false),
+            guard: self.guard.unwrap_or(false),
+            on_unknown: self.on_unknown,
         };
-        let headers = validate_headers(
-            at,
-            self.headers.unwrap_or_default(),
-            idempotency_header.as_ref().and_then(Option::as_ref),
-            p,
-        );
-        let capture: Vec<(String, String)> = self.capture.unwrap_or_default().into_iter().collect();
-        for (capture_name, pointer) in &capture {
-            let at = format!("{at}.capture.{capture_name}");
-            p.check(&at, segment_name("capture", capture_name).and_then(|()| json_pointer(pointer)));
-        }
-        let when_known = self.when_known.map(|w| w.validate(&path("when_known"), !capture.is_empty(), p));
-        let key_strategy = self.key_strategy.unwrap_or_default();
-        let resend_on_change = self.resend_on_change.unwrap_or(false);
-        let guard = self.guard.unwrap_or(false);
-        if resend_on_change && key_strategy != KeyStrategy::PrimaryKeyHash {
-            let why = "with \"primary_key\" a record is sent once, whatever changes";
-            p.push(&path("resend_on_change"), format_args!("needs key_strategy = \"primary_key_hash\": {why}"));
-        }
-        if guard && resend_on_change {
-            p.push(&path("resend_on_change"), "contradicts guard = true (at most once, ever)");
-        }
-        if guard && self.on_unknown == Some(OnUnknown::Retry) {
-            p.push(&path("on_unknown"), "\"retry\" contradicts guard = true (at most once, ever)");
-        }
+        settings.check(at, p);
 
-        let mut references: Vec<(String, &Placeholder)> = Vec::new();
-        references.extend(url.iter().flat_map(|url| url.placeholders().map(|placeholder| (path("url"), placeholder))));
-        for (at, _, template) in headers.iter().flatten() {
-            references.extend(template.placeholders().map(|placeholder| (at.clone(), placeholder)));
-        }
-        references.extend(body.iter().flatten().flat_map(|body| within(path("body"), body)));
-        let mut update_references: Vec<(String, &Placeholder)> = Vec::new();
-        if let Some(Some(w)) = &when_known {
-            update_references.extend(w.url.placeholders().map(|placeholder| (path("when_known.url"), placeholder)));
-            update_references.extend(w.body.iter().flat_map(|body| within(path("when_known.body"), body)));
-        }
+        let (references, update_references) = step_references(at, &url, &headers, &body, &when_known);
         let this = name.as_deref().map(|name| (name, capture.as_slice()));
         check_references(p, earlier, this, references, update_references);
 
-        if p.0.len() > problems_before {
+        if p.len() > problems_before {
             return None;
         }
         Some(Step {
@@ -464,15 +400,89 @@ impl RawStep {
             url: url?,
             body: body.flatten(),
             headers: headers?.into_iter().map(|(_, header, template)| (header, template)).collect(),
-            key_strategy,
-            resend_on_change,
+            key_strategy: settings.key_strategy,
+            resend_on_change: settings.resend_on_change,
             idempotency_header: idempotency_header?,
             capture,
             when_known: when_known.flatten(),
-            guard,
-            on_unknown: self.on_unknown.unwrap_or_default(),
+            guard: settings.guard,
+            on_unknown: settings.on_unknown.unwrap_or_default(),
         })
     }
+}
+
+/// Placeholders, each with the path it is written at.
+type References<'a> = Vec<(String, &'a Placeholder)>;
+
+/// The placeholders of the step's url, headers and body, and (apart) those of its `when_known`.
+fn step_references<'a>(
+    at: &str,
+    url: &'a Option<Template>,
+    headers: &'a Option<Vec<(String, HeaderName, Template)>>,
+    body: &'a Option<Option<JsonTemplate>>,
+    when_known: &'a Option<Option<WhenKnown>>,
+) -> (References<'a>, References<'a>) {
+    let mut references: References<'a> = Vec::new();
+    references.extend(url.iter().flat_map(|url| url.placeholders().map(|placeholder| (field(at, "url"), placeholder))));
+    for (at, _, template) in headers.iter().flatten() {
+        references.extend(template.placeholders().map(|placeholder| (at.clone(), placeholder)));
+    }
+    references.extend(body.iter().flatten().flat_map(|body| within(field(at, "body"), body)));
+    let mut update_references: References<'a> = Vec::new();
+    if let Some(Some(w)) = when_known {
+        update_references.extend(w.url.placeholders().map(|placeholder| (field(at, "when_known.url"), placeholder)));
+        update_references.extend(w.body.iter().flat_map(|body| within(field(at, "when_known.body"), body)));
+    }
+    (references, update_references)
+}
+
+/// How a step's key is built and how often it may be sent: settings that can contradict
+/// each other.
+struct Settings {
+    key_strategy: KeyStrategy,
+    resend_on_change: bool,
+    guard: bool,
+    on_unknown: Option<OnUnknown>,
+}
+
+impl Settings {
+    fn check(&self, at: &str, p: &mut Problems) {
+        if self.resend_on_change && self.key_strategy != KeyStrategy::PrimaryKeyHash {
+            let why = "with \"primary_key\" a record is sent once, whatever changes";
+            p.push(&field(at, "resend_on_change"), format_args!("needs key_strategy = \"primary_key_hash\": {why}"));
+        }
+        if self.guard && self.resend_on_change {
+            p.push(&field(at, "resend_on_change"), "contradicts guard = true (at most once, ever)");
+        }
+        if self.guard && self.on_unknown == Some(OnUnknown::Retry) {
+            p.push(&field(at, "on_unknown"), "\"retry\" contradicts guard = true (at most once, ever)");
+        }
+    }
+}
+
+/// The header the key is sent in (default `Idempotency-Key`); `""` sends none: `Some(None)`.
+fn idempotency_header(raw: Option<&str>, at: &str, p: &mut Problems) -> Option<Option<HeaderName>> {
+    match raw.unwrap_or("Idempotency-Key") {
+        "" => Some(None),
+        h => p.check(&field(at, "idempotency_header"), check::header_name(h)).map(Some),
+    }
+}
+
+/// Captures in name order; each name is a segment of `{{steps.S.C}}`, each value a pointer.
+fn validate_captures(at: &str, raw: BTreeMap<String, String>, p: &mut Problems) -> Vec<(String, String)> {
+    let capture: Vec<(String, String)> = raw.into_iter().collect();
+    for (capture_name, pointer) in &capture {
+        let at = format!("{at}.capture.{capture_name}");
+        p.check(&at, segment_name("capture", capture_name).and_then(|()| check::pointer(pointer)));
+    }
+    capture
+}
+
+/// A TOML body as a JSON template, each problem at its place inside the body.
+fn json_template(p: &mut Problems, at: &str, value: &toml::Value) -> Option<JsonTemplate> {
+    JsonTemplate::from_toml(value)
+        .map_err(|problems| problems.into_iter().for_each(|(inner, e)| p.push(&format!("{at}{inner}"), e)))
+        .ok()
 }
 
 impl RawWhenKnown {
@@ -480,14 +490,13 @@ impl RawWhenKnown {
         if !step_captures {
             p.push(at, "needs capture on the step: without a captured id nothing is ever known about a record");
         }
-        let method = p.required(&format!("{at}.method"), self.method, "method = \"PATCH\"");
-        let method = method.and_then(|m| p.check(&format!("{at}.method"), parse_method(&m)));
-        let url =
-            p.required(&format!("{at}.url"), self.url, "url = \"https://api.example.com/items/{{steps.STEP.id}}\"");
-        let url = url.and_then(|u| p.check(&format!("{at}.url"), url_template(&u)));
+        let method = p.required(&field(at, "method"), self.method, "method = \"PATCH\"");
+        let method = method.and_then(|m| p.check(&field(at, "method"), check::method(&m)));
+        let url = p.required(&field(at, "url"), self.url, "url = \"https://api.example.com/items/{{steps.STEP.id}}\"");
+        let url = url.and_then(|u| p.check(&field(at, "url"), url_template(&u)));
         let body = match &self.body {
             None => Some(None),
-            Some(b) => p.json_template(&format!("{at}.body"), b).map(Some),
+            Some(b) => json_template(p, &field(at, "body"), b).map(Some),
         };
         Some(WhenKnown { method: method?, url: url?, body: body? })
     }
@@ -500,11 +509,11 @@ fn validate_headers(
     idempotency_header: Option<&HeaderName>,
     p: &mut Problems,
 ) -> Option<Vec<(String, HeaderName, Template)>> {
-    let problems_before = p.0.len();
+    let problems_before = p.len();
     let mut headers: Vec<(String, HeaderName, Template)> = Vec::new();
     for (name, value) in raw {
         let at = format!("{at}.headers.{name}");
-        let Some(header) = p.check(&at, header_name(&name)) else { continue };
+        let Some(header) = p.check(&at, check::header_name(&name)) else { continue };
         if headers.iter().any(|(_, h, _)| *h == header) {
             p.push(&at, format_args!("{header} is given twice"));
         }
@@ -515,16 +524,15 @@ fn validate_headers(
             );
         }
         let Some(template) = p.check(&at, Template::parse(&value)) else { continue };
+        // Only the literal text is checked here; what a placeholder fills in is checked per record.
         for part in template.parts() {
             if let Part::Literal(text) = part {
-                if HeaderValue::from_str(text).is_err() {
-                    p.push(&at, format_args!("{value:?} holds characters a header value cannot"));
-                }
+                p.check(&at, check::header_value(text));
             }
         }
         headers.push((at, header, template));
     }
-    (p.0.len() == problems_before).then_some(headers)
+    (p.len() == problems_before).then_some(headers)
 }
 
 /// `{{steps.S.C}}` must name an earlier step that captures C. `when_known` is used once this
@@ -587,22 +595,6 @@ fn segment_name(what: &str, name: &str) -> Result<(), String> {
     if ok { Ok(()) } else { Err(format!("{what} name {name:?} must be 1-100 characters of A-Z, a-z, 0-9, '_', '-'")) }
 }
 
-fn parse_method(m: &str) -> Result<Method, String> {
-    Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| format!("invalid method {m:?}"))
-}
-
-fn header_name(s: &str) -> Result<HeaderName, String> {
-    HeaderName::try_from(s).map_err(|_| format!("invalid header name {s:?}"))
-}
-
-fn json_pointer(s: &str) -> Result<(), String> {
-    if s.starts_with('/') {
-        Ok(())
-    } else {
-        Err(format!("invalid JSON pointer {s:?}; it must start with '/', e.g. \"/id\""))
-    }
-}
-
 /// A URL template whose scheme and host are fixed text or at least parse once the
 /// placeholders are filled in.
 fn url_template(s: &str) -> Result<Template, String> {
@@ -639,19 +631,6 @@ fn input(file: &str, base_dir: Option<&Path>) -> Result<Input, String> {
             _ => PathBuf::from(path),
         })),
     }
-}
-
-fn positive_duration(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d.is_zero() { Err(format!("{s:?} must be more than zero")) } else { Ok(d) }
-}
-
-fn bounded<T: TryFrom<i64>>(n: i64, low: i64, high: i64) -> Result<T, String> {
-    let out_of_range = || format!("{n} is not between {low} and {high}");
-    if !(low..=high).contains(&n) {
-        return Err(out_of_range());
-    }
-    T::try_from(n).map_err(|_| out_of_range())
 }
 
 /// `"50/s"`, `"3000/min"`, `"100/h"` as calls per second.
@@ -1136,5 +1115,24 @@ on_unknown = "review"                  # sent, never answered: "review" (default
             &(step("a", "ftp://x", "capture = { id = \"/id\" }") + &step("b", "http://x/{{steps.a.id}}", "")),
         ));
         assert!(err.contains("steps[0].url") && !err.contains("steps[1]"), "{err}");
+    }
+
+    #[test]
+    fn a_pointer_must_name_a_field() {
+        let err = error(&with_steps(&step("a", "http://x", "capture = { all = \"\", id = \"id\", ok = \"/id\" }")));
+        assert!(
+            err.contains("steps[0].capture.all: invalid JSON pointer \"\": it would name the whole document"),
+            "{err}"
+        );
+        assert!(err.contains("steps[0].capture.id: invalid JSON pointer \"id\""), "{err}");
+        assert!(!err.contains("capture.ok"), "{err}");
+    }
+
+    #[test]
+    fn the_error_is_bad_input_about_a_flow() {
+        let err = parse("flow = 1").unwrap_err();
+        assert!(err.is_bad_input());
+        assert_eq!(err.1, Kind::Flow);
+        assert!(err.to_string().starts_with("invalid flow:\n  flow: invalid type: integer `1`"), "{err}");
     }
 }

@@ -204,10 +204,11 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
+    use crate::config::parse_toml;
     use crate::core::Status;
     use crate::gateway::Gateway;
     use crate::gateway::body::Body;
-    use crate::gateway::config::{Overrides, RawConfig, parse_toml};
+    use crate::gateway::config::{Overrides, RawConfig};
     use crate::store::memory::MemoryStore;
 
     /// One route with a short lease, so a claim whose owner is lost runs out quickly.

@@ -16,6 +16,8 @@ pub mod odata;
 pub mod problem;
 pub mod route;
 pub mod service;
+#[cfg(test)]
+mod store_faults;
 pub mod upstream;
 
 pub use config::{Config, Demo};

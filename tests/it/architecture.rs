@@ -11,16 +11,17 @@ use std::path::{Path, PathBuf};
 const ALLOWED: &[(&str, &[&str])] = &[
     ("core", &[]),
     ("backoff", &[]),
+    ("tls", &[]),
     ("config", &["core"]),
-    ("store", &["core", "backoff"]),
+    ("store", &["core", "backoff", "tls"]),
     ("metrics", &["core", "store"]),
-    ("demo", &[]),
+    ("demo", &["tls"]),
     ("admin", &["core", "store", "metrics", "host"]),
-    ("host", &["core", "store", "backoff", "metrics", "admin"]),
+    ("host", &["core", "store", "backoff", "metrics", "admin", "tls"]),
     ("cli", &["core", "store", "admin", "host"]),
-    ("gateway", &["core", "config", "store", "backoff", "metrics", "host", "admin", "demo"]),
-    ("runner", &["core", "config", "store", "backoff", "metrics", "host"]),
-    ("consumer", &["core", "config", "store", "backoff", "metrics", "host", "admin", "runner"]),
+    ("gateway", &["core", "config", "store", "backoff", "metrics", "host", "admin", "demo", "tls"]),
+    ("runner", &["core", "config", "store", "backoff", "metrics", "host", "tls"]),
+    ("consumer", &["core", "config", "store", "backoff", "metrics", "host", "admin", "runner", "tls"]),
 ];
 
 #[test]

@@ -43,7 +43,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::call::{self, Call, Variant, Verdict};
-use super::flow::{self, Flow, SourceInput, Step};
+use super::flow::{Flow, Step};
 use super::output::{self, RecordReport, ReportFile, StepReport, StepResult, Summary};
 use super::source::{self, Item, SourceRecord};
 use super::template::Context;
@@ -108,7 +108,7 @@ const GUARD_TTL_MS: Millis = 100 * 365 * 24 * 3600 * 1000;
 /// `in_progress`, and a later run resumes where this one stopped.
 pub async fn execute(flow: Flow, options: &Options, stop: impl Future<Output = ()>) -> Result<Summary, Error> {
     let store = open_store(&flow, options).await?;
-    let records = source::open(&source_of(&flow.source.input)).await?;
+    let records = source::open(&flow.source.input).await?;
     let report = match &options.report {
         Some(path) => Some(ReportFile::create(path).map_err(|source| Error::Report { path: path.clone(), source })?),
         None => None,
@@ -749,22 +749,11 @@ async fn open_store(flow: &Flow, options: &Options) -> Result<Arc<dyn Store>, st
     store::open(url).await
 }
 
-fn source_of(input: &SourceInput) -> source::Source {
-    let file = |input: &flow::Input| match input {
-        flow::Input::Stdin => source::Input::Stdin,
-        flow::Input::File(path) => source::Input::File(path.clone()),
-    };
-    match input {
-        SourceInput::Jsonl(input) => source::Source::Jsonl(file(input)),
-        SourceInput::Csv(input) => source::Source::Csv(file(input)),
-        SourceInput::Postgres { url, query } => source::Source::Postgres { url: url.clone(), query: query.clone() },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::core::{Status, StoredResponse};
+    use crate::runner::flow;
 
     fn step(toml: &str) -> Step {
         let text =

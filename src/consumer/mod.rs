@@ -41,7 +41,7 @@ use self::guard::{Check, VersionGuard};
 use crate::backoff::Backoff;
 use crate::core::units::millis;
 use crate::core::{ClaimPolicy, Decision, Fingerprint, Intent, Outcome, RecordId};
-use crate::runner::engine::{Attempts, Engine, Keys, unknown_is_safe};
+use crate::runner::engine::{Attempts, Engine, Keys, Mode, unknown_is_safe};
 use crate::runner::flow::{Flow, SourceSpec};
 use crate::runner::output::{RecordReport, StepResult};
 use crate::runner::source::{Input, Source};
@@ -277,7 +277,7 @@ impl Handler {
         let guard = consumer.version.clone().map(|pointers| {
             VersionGuard::new(pointers, &consumer.subscriber, store.clone(), consumer.retention, lease)
         });
-        let engine = Engine::new(flow, store.clone(), false, keys, Attempts::Lifetime(consumer.max_attempts))?;
+        let engine = Engine::new(flow, store.clone(), Mode::Send, keys, Attempts::Lifetime(consumer.max_attempts))?;
         Ok(Self {
             subscriber: consumer.subscriber.clone(),
             store,

@@ -255,21 +255,19 @@ impl Engine {
         }
     }
 
-    /// Claims a step, retrying a store outage for a few seconds.
+    /// Claims a step, retrying a store outage for a few seconds (five pauses, 50 ms doubling).
     async fn claim(&self, unit: &Unit<'_>) -> Result<Claim, store::Error> {
-        let mut pause = Duration::from_millis(50);
-        let mut tries = 0;
-        loop {
+        let mut pause = Backoff::doubling(Duration::from_millis(50), Duration::from_secs(1));
+        for _ in 0..5 {
             match self.store.claim(&self.intent(unit), policy(unit.step)).await {
-                Err(error) if error.is_retryable() && tries < 5 => {
+                Err(error) if error.is_retryable() => {
                     tracing::warn!(%error, "store unavailable; will try again");
-                    tries += 1;
-                    tokio::time::sleep(pause).await;
-                    pause *= 2;
+                    tokio::time::sleep(pause.next_pause()).await;
                 }
                 other => return other,
             }
         }
+        self.store.claim(&self.intent(unit), policy(unit.step)).await
     }
 }
 

@@ -31,7 +31,7 @@
 //!   attempt keeps the record's previous answer, see `Outcome::replaces_response`), so a
 //!   later run still sends the update to the known id, never a second create.
 //!
-//! The engine is split along its seams: [`Engine`] and how a run starts (here);
+//! The engine is split along its seams: `Engine` and how a run starts (here);
 //! `schedule.rs`, the records in flight; `triage.rs`, the re-run's batch check against the
 //! ledger; `step.rs`, the state machine of one step (claim → attempt → finish, retries,
 //! `when_known`, lost calls); `preview.rs`, `--dry-run`. What the user sees goes through

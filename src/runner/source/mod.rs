@@ -30,7 +30,7 @@
 //! keep the runtime from shutting down (as a `spawn_blocking` task would).
 //!
 //! This file holds what every reader shares (the types, [`open`], the channel and the
-//! reader thread); each reader is a file of its own: [`jsonl`], [`csv`], [`postgres`].
+//! reader thread); each reader is a file of its own: `jsonl.rs`, `csv.rs`, `postgres.rs`.
 
 use std::fmt;
 use std::fs::File;

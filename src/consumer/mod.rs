@@ -42,9 +42,10 @@ use crate::backoff::Backoff;
 use crate::core::units::millis;
 use crate::core::{ClaimPolicy, Decision, Fingerprint, Intent, Outcome, RecordId, decide_again};
 use crate::host::{self, Error};
-use crate::runner::engine::{Attempts, Engine, Keys, unknown_is_safe};
-use crate::runner::flow::{Flow, SourceInput, SourceSpec};
+use crate::runner::engine::{Attempts, Engine, Keys, Mode, unknown_is_safe};
+use crate::runner::flow::{Flow, SourceSpec};
 use crate::runner::output::{RecordReport, StepResult};
+use crate::runner::source::{Input, Source};
 use crate::store::{self, Store, now_millis, owner};
 
 /// The pauses between a broker's reconnection attempts.
@@ -238,10 +239,7 @@ impl Handler {
             rate_limit: None,
             max_attempts: consumer.max_attempts,
             timeout: consumer.timeout,
-            source: SourceSpec {
-                input: SourceInput::Jsonl(crate::runner::flow::Input::Stdin),
-                primary_key: Vec::new(),
-            },
+            source: SourceSpec { input: Source::Jsonl(Input::Stdin), primary_key: Vec::new() },
             steps: consumer.steps.clone(),
         };
         let scopes = flow.steps.iter().map(|s| flow.scope(&s.name)).collect();
@@ -250,7 +248,7 @@ impl Handler {
         let guard = consumer.version.clone().map(|pointers| {
             VersionGuard::new(pointers, &consumer.subscriber, store.clone(), consumer.retention, lease)
         });
-        let engine = Engine::new(flow, store.clone(), false, keys, Attempts::Lifetime(consumer.max_attempts))?;
+        let engine = Engine::new(flow, store.clone(), Mode::Send, keys, Attempts::Lifetime(consumer.max_attempts))?;
         Ok(Self {
             subscriber: consumer.subscriber.clone(),
             store,

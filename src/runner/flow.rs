@@ -12,6 +12,7 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 use serde::Deserialize;
 
+use super::source::{Input, Source};
 use super::template::{JsonTemplate, Part, Placeholder, Template};
 use crate::config::{self, Kind, Problems, check, field, parse_toml};
 use crate::core::OnUnknown;
@@ -133,35 +134,11 @@ pub struct Flow {
 /// Where records come from and what identifies them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceSpec {
-    /// The records' origin.
-    pub input: SourceInput,
+    /// The records' origin; a relative file path is resolved against the flow file's
+    /// directory (by [`load`]).
+    pub input: Source,
     /// The fields that together identify a record (at least one).
     pub primary_key: Vec<String>,
-}
-
-/// The records' origin.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SourceInput {
-    /// One JSON object per line.
-    Jsonl(Input),
-    /// CSV with a header row.
-    Csv(Input),
-    /// The rows of a PostgreSQL query.
-    Postgres {
-        /// Connection URL.
-        url: String,
-        /// The query.
-        query: String,
-    },
-}
-
-/// A file or stdin.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Input {
-    /// Standard input (`"-"`).
-    Stdin,
-    /// A file; a relative path is resolved against the flow file's directory.
-    File(PathBuf),
 }
 
 /// How a step's idempotency key is built.
@@ -287,8 +264,8 @@ impl RawSource {
                 .filter_map(|(name, set)| set.then_some(name))
                 .collect();
         let input = match (self.jsonl, self.csv, self.postgres) {
-            (Some(file), None, None) => p.check("source.jsonl", input(&file, base_dir)).map(SourceInput::Jsonl),
-            (None, Some(file), None) => p.check("source.csv", input(&file, base_dir)).map(SourceInput::Csv),
+            (Some(file), None, None) => p.check("source.jsonl", input(&file, base_dir)).map(Source::Jsonl),
+            (None, Some(file), None) => p.check("source.csv", input(&file, base_dir)).map(Source::Csv),
             (None, None, Some(pg)) => pg.validate(p),
             (None, None, None) => {
                 p.push("source", "give one of jsonl = \"FILE\", csv = \"FILE\" or postgres = { url, query }");
@@ -316,7 +293,7 @@ impl RawSource {
 }
 
 impl RawPostgres {
-    fn validate(self, p: &mut Problems) -> Option<SourceInput> {
+    fn validate(self, p: &mut Problems) -> Option<Source> {
         let url = p.required("source.postgres.url", self.url, "url = \"postgres://user@host/db\"");
         let url = url.and_then(|u| {
             let ok = u.starts_with("postgres://") || u.starts_with("postgresql://");
@@ -326,7 +303,7 @@ impl RawPostgres {
         let query = query.and_then(|q| {
             p.check("source.postgres.query", if q.trim().is_empty() { Err("must not be empty".into()) } else { Ok(q) })
         });
-        Some(SourceInput::Postgres { url: url?, query: query? })
+        Some(Source::Postgres { url: url?, query: query? })
     }
 }
 
@@ -738,7 +715,7 @@ on_unknown = "review"                  # sent, never answered: "review" (default
         assert_eq!(
             flow.source,
             SourceSpec {
-                input: SourceInput::Jsonl(Input::File("orders.jsonl".into())),
+                input: Source::Jsonl(Input::File("orders.jsonl".into())),
                 primary_key: vec!["order_id".into()]
             }
         );
@@ -827,14 +804,14 @@ on_unknown = "review"                  # sent, never answered: "review" (default
     fn sources() {
         let csv = parse(&with_source("csv = \"-\"\nprimary_key = [\"a\", \"b\"]"));
         let source = csv.unwrap().source;
-        assert_eq!(source.input, SourceInput::Csv(Input::Stdin));
+        assert_eq!(source.input, Source::Csv(Input::Stdin));
         assert_eq!(source.primary_key, ["a", "b"]);
         let pg = parse(&with_source(
             "postgres = { url = \"postgres://u@h/db\", query = \"SELECT 1\" }\nprimary_key = [\"id\"]",
         ));
         assert_eq!(
             pg.unwrap().source.input,
-            SourceInput::Postgres { url: "postgres://u@h/db".into(), query: "SELECT 1".into() }
+            Source::Postgres { url: "postgres://u@h/db".into(), query: "SELECT 1".into() }
         );
         let err = error(&with_source("postgres = { url = \"mysql://h\" }\nprimary_key = [\"id\"]"));
         assert!(err.contains("source.postgres.url: must start with postgres://"), "{err}");
@@ -847,12 +824,12 @@ on_unknown = "review"                  # sent, never answered: "review" (default
         let path = dir.path().join("flow.toml");
         std::fs::write(&path, with_steps(STEP)).unwrap();
         let flow = load(&path).unwrap();
-        assert_eq!(flow.source.input, SourceInput::Jsonl(Input::File(dir.path().join("in.jsonl"))));
+        assert_eq!(flow.source.input, Source::Jsonl(Input::File(dir.path().join("in.jsonl"))));
 
         let absolute = dir.path().join("abs.jsonl");
         let text = format!("flow = \"f\"\n[source]\njsonl = {:?}\nprimary_key = [\"id\"]\n{STEP}", absolute.display());
         std::fs::write(&path, text).unwrap();
-        assert_eq!(load(&path).unwrap().source.input, SourceInput::Jsonl(Input::File(absolute)));
+        assert_eq!(load(&path).unwrap().source.input, Source::Jsonl(Input::File(absolute)));
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod call;
 pub mod engine;
 pub mod flow;
 pub mod output;
+pub mod progress;
 pub mod source;
 pub mod template;
 
@@ -38,10 +39,12 @@ pub async fn run(args: RunArgs, stop: impl Future<Output = ()>) -> u8 {
             return 2;
         }
     };
-    let options = engine::Options { store: args.store, report: args.report, dry_run: args.dry_run };
+    // `--dry-run` is the command line's flag; the engine takes a mode.
+    let mode = if args.dry_run { engine::Mode::DryRun } else { engine::Mode::Send };
+    let options = engine::Options { store: args.store, report: args.report, mode };
     match engine::execute(flow, &options, stop).await {
         Ok(summary) => {
-            print!("{}", summary.render(options.dry_run));
+            print!("{}", summary.render(options.mode));
             if summary.all_done() { 0 } else { 1 }
         }
         Err(e) => {

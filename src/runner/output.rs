@@ -1,12 +1,14 @@
 //! What `idem run` tells its user: the result of each step of each record, the `--report`
-//! JSON lines, the final summary and the progress bar.
+//! JSON lines, the final summary, and the problem lines [`super::progress`] shows as
+//! records finish.
 
 use std::fs::File;
-use std::io::{self, BufWriter, IsTerminal, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Map, Value, json};
+
+use super::engine::Mode;
 
 /// How one step of one record ended (the `result` of a `--report` line).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,8 +194,8 @@ impl Summary {
         self.needs_review == 0 && self.bad_lines == 0 && !self.interrupted
     }
 
-    /// The text printed on stdout.
-    pub fn render(&self, dry_run: bool) -> String {
+    /// The text printed on stdout; a dry run also counts the calls it would send.
+    pub fn render(&self, mode: Mode) -> String {
         let mut rows = vec![
             ("records", self.records),
             ("calls sent", self.calls_sent),
@@ -204,7 +206,7 @@ impl Summary {
             ("needs review", self.needs_review),
             ("bad source lines", self.bad_lines),
         ];
-        if dry_run {
+        if mode == Mode::DryRun {
             rows.insert(2, ("would send (dry run)", self.would_send));
         }
         let mut text: String = rows.iter().map(|(name, count)| format!("{name}: {count}\n")).collect();
@@ -233,20 +235,6 @@ impl ReportFile {
     pub fn finish(mut self) -> io::Result<()> {
         self.0.flush()
     }
-}
-
-/// A spinner with counts on stderr, only when stderr is a terminal (a log file or a pipe
-/// gets the final summary only).
-pub fn progress() -> ProgressBar {
-    if !io::stderr().is_terminal() {
-        return ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
-    }
-    let bar = ProgressBar::new_spinner();
-    if let Ok(style) = ProgressStyle::with_template("{spinner} {pos} records  {msg}  [{elapsed}]") {
-        bar.set_style(style);
-    }
-    bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    bar
 }
 
 /// A line on stderr for a record that needs a person, above the progress bar.
@@ -299,7 +287,7 @@ mod tests {
         assert_eq!((summary.records, summary.calls_sent, summary.retried), (2, 4, 2));
         assert_eq!((summary.already_sent, summary.needs_review, summary.bad_lines), (1, 1, 1));
         assert!(!summary.all_done());
-        assert!(summary.render(false).contains("needs review: 1\n"));
+        assert!(summary.render(Mode::Send).contains("needs review: 1\n"));
         assert_eq!(problem_lines(&stuck), ["line 2 (key b): step s: needs_review"]);
         assert_eq!(problem_lines(&bad), ["line 3: invalid JSON"]);
     }

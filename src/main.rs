@@ -93,13 +93,9 @@ fn main() -> ExitCode {
         Command::Log(args) => runtime.block_on(idem::cli::run(args)),
         // On a worker thread, not the main one: the loops that spawn a task per record or
         // message then hand it to a worker without waking another thread each time.
-        Command::Run(args) => on_a_worker(&runtime, async move {
-            match idem::runner::run(args, shutdown_signal()).await {
-                0 => Ok(()),
-                2 => Err(Error::BadInput(anyhow::anyhow!("TEMPORARY"))),
-                _ => Err(Error::Reported(String::new())),
-            }
-        }),
+        Command::Run(args) => idem::runner::flow::load(&args.flow)
+            .map_err(|e| Error::BadInput(e.into()))
+            .and_then(|flow| on_a_worker(&runtime, idem::runner::run(flow, args.options(), shutdown_signal()))),
         Command::Consume(args) => consumer_config(args)
             .and_then(|consumer| on_a_worker(&runtime, idem::consumer::run(consumer, shutdown_signal()))),
         Command::DemoUpstream { listen, tls_cert, tls_key } => {

@@ -45,8 +45,7 @@ impl Error {
 /// retry could fix), a failure otherwise.
 impl From<store::Error> for Error {
     fn from(error: store::Error) -> Self {
-        let bad_input = matches!(error, store::Error::BadUrl { .. } | store::Error::BadKey(_));
-        if bad_input { Error::BadInput(error.into()) } else { Error::Failed(error.into()) }
+        if error.is_bad_input() { Error::BadInput(error.into()) } else { Error::Failed(error.into()) }
     }
 }
 
@@ -54,9 +53,8 @@ impl From<store::Error> for Error {
 /// a failure otherwise.
 impl From<anyhow::Error> for Error {
     fn from(error: anyhow::Error) -> Self {
-        let bad_input = error.chain().any(|cause| {
-            matches!(cause.downcast_ref::<store::Error>(), Some(store::Error::BadUrl { .. } | store::Error::BadKey(_)))
-        });
+        let bad_input =
+            error.chain().any(|cause| cause.downcast_ref::<store::Error>().is_some_and(store::Error::is_bad_input));
         if bad_input { Error::BadInput(error) } else { Error::Failed(error) }
     }
 }

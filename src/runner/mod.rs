@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::host::Error;
+
 pub mod call;
 pub mod engine;
 pub mod flow;
@@ -27,29 +29,21 @@ pub struct RunArgs {
     pub dry_run: bool,
 }
 
-/// Runs a flow file and returns the exit status: 0 everything is done, 1 something needs
-/// review (or failed, or a source line is unusable, or `stop` ended the run early), 2 bad
-/// input (the flow file, the source or the store URL). `stop` is the shutdown signal: the
-/// records in flight finish, no new one starts.
-pub async fn run(args: RunArgs, stop: impl Future<Output = ()>) -> u8 {
-    let flow = match flow::load(&args.flow) {
-        Ok(flow) => flow,
-        Err(e) => {
-            eprintln!("idem: {e}");
-            return 2;
-        }
-    };
-    // `--dry-run` is the command line's flag; the engine takes a mode.
-    let mode = if args.dry_run { engine::Mode::DryRun } else { engine::Mode::Send };
-    let options = engine::Options { store: args.store, report: args.report, mode };
-    match engine::execute(flow, &options, stop).await {
-        Ok(summary) => {
-            print!("{}", summary.render(options.mode));
-            if summary.all_done() { 0 } else { 1 }
-        }
-        Err(e) => {
-            eprintln!("idem: {e}");
-            if e.is_bad_input() { 2 } else { 1 }
-        }
+impl RunArgs {
+    /// The engine's options these arguments ask for (`--dry-run` is the command line's
+    /// flag; the engine takes a mode).
+    pub fn options(&self) -> engine::Options {
+        let mode = if self.dry_run { engine::Mode::DryRun } else { engine::Mode::Send };
+        engine::Options { store: self.store.clone(), report: self.report.clone(), mode }
     }
+}
+
+/// Runs `flow` to the end of its source and prints the summary. When anything needs
+/// review, failed, or `shutdown` ended the run early, the summary says so and the result
+/// is [`Error::Reported`] (exit 1); a source, store URL or report file that cannot be used
+/// is bad input (exit 2). On `shutdown` the records in flight finish, no new one starts.
+pub async fn run(flow: flow::Flow, options: engine::Options, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let summary = engine::execute(flow, &options, shutdown).await?;
+    print!("{}", summary.render(options.mode));
+    if summary.all_done() { Ok(()) } else { Err(Error::Reported("not every record is done; see the summary".into())) }
 }

@@ -68,6 +68,12 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Error::Unavailable(_))
     }
+
+    /// True when what the user wrote is wrong: the store URL or the encryption key. (A
+    /// store written by a newer idem is not: the input is fine, this binary is too old.)
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, Error::BadUrl { .. } | Error::BadKey(_))
+    }
 }
 
 /// The result of a claim: the decision and the record it was made on.

@@ -57,6 +57,41 @@ async fn a_malformed_key_is_bad_input() {
     assert!(stderr.contains("IDEM_ENCRYPTION_KEY"), "{stderr}");
 }
 
+/// Every subcommand agrees (they once did not: `idem run` exited 1 for a malformed key).
+#[test]
+fn a_malformed_key_is_bad_input_for_every_subcommand() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let store = format!("sqlite://{}", dir.path().join("idem.db").display());
+    let flow = dir.path().join("flow.toml");
+    let steps = "[[steps]]\nname = \"export\"\nurl = \"http://127.0.0.1:9/x\"\n";
+    std::fs::write(
+        &flow,
+        format!("flow = \"f\"\nstore = \"{store}\"\n[source]\njsonl = \"-\"\nprimary_key = [\"id\"]\n{steps}"),
+    )
+    .unwrap();
+    let consumer = dir.path().join("consumer.toml");
+    std::fs::write(
+        &consumer,
+        format!(
+            "subscriber = \"s\"\nstore = \"{store}\"\n[source]\nnats = {{ url = \"nats://127.0.0.1:9\", stream = \"S\", \
+             subject = \"s.>\", durable = \"s\" }}\n[deliver]\nmethod = \"POST\"\nurl = \"http://127.0.0.1:9/x\"\n"
+        ),
+    )
+    .unwrap();
+    let runs: [&[&str]; 3] = [
+        &["run", flow.to_str().unwrap()],
+        &["consume", consumer.to_str().unwrap()],
+        &["log", "stats", "--store", &store],
+    ];
+    for args in runs {
+        let output =
+            crate::support::idem().args(args).env("IDEM_ENCRYPTION_KEY", "too-short").output().expect("idem runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "idem {args:?}: {stderr}");
+        assert!(stderr.contains("IDEM_ENCRYPTION_KEY"), "idem {args:?}: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn logs_never_carry_bodies_or_credentials() {
     let upstream = Upstream::start().await;

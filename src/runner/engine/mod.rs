@@ -101,15 +101,17 @@ pub enum Error {
     Client(String),
 }
 
-impl Error {
-    /// True for mistakes in the input (exit status 2), as opposed to an outage.
-    pub fn is_bad_input(&self) -> bool {
-        match self {
+/// What `idem` exits with: a source that cannot be read as written and a report file that
+/// cannot be written are bad input; the store says for itself.
+impl From<Error> for crate::host::Error {
+    fn from(error: Error) -> Self {
+        let bad_input = match &error {
             Error::Source(e) => !e.is_retryable(),
-            Error::Store(e) => matches!(e, store::Error::BadUrl { .. } | store::Error::TooNew { .. }),
+            Error::Store(e) => e.is_bad_input(),
             Error::Report { .. } => true,
             Error::Client(_) => false,
-        }
+        };
+        if bad_input { Self::BadInput(error.into()) } else { Self::Failed(error.into()) }
     }
 }
 

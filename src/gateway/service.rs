@@ -505,9 +505,8 @@ mod tests {
     use http_body_util::Full;
 
     use super::*;
-    use crate::config::parse_toml;
     use crate::core::{ClaimPolicy, Resolution};
-    use crate::gateway::config::{Overrides, RawConfig};
+    use crate::gateway::store_faults::{demo_upstream, gateway_with};
     use crate::store::{Claim, Error, ListQuery, Page, StatRow};
 
     /// A store whose every operation fails, as when its server is unreachable.
@@ -548,18 +547,8 @@ mod tests {
         }
     }
 
-    async fn demo_upstream() -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(crate::demo::serve(listener));
-        address
-    }
-
     fn gateway(store: Arc<dyn Store>, upstream: SocketAddr) -> Arc<Gateway> {
-        let overrides = Overrides { upstream: Some(format!("http://{upstream}")), ..Overrides::default() };
-        let config =
-            parse_toml::<RawConfig>("client_timeout = \"5s\"").unwrap().validate(&overrides, &|_| None).unwrap();
-        Arc::new(Gateway::new(&config, store).unwrap())
+        gateway_with("client_timeout = \"5s\"", store, upstream)
     }
 
     fn post(key: &str) -> Request<Full<Bytes>> {

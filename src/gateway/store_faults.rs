@@ -33,7 +33,8 @@ const ROUTES: &str = r#"
 /// so there is no signal to await, only the clock.
 const PAST_THE_LEASE: Duration = Duration::from_millis(400);
 
-async fn demo_upstream() -> SocketAddr {
+/// The demo upstream on a free port, in this process.
+pub(super) async fn demo_upstream() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(crate::demo::serve(listener));
@@ -41,8 +42,13 @@ async fn demo_upstream() -> SocketAddr {
 }
 
 fn gateway(store: Arc<dyn Store>, upstream: SocketAddr) -> Arc<Gateway> {
+    gateway_with(ROUTES, store, upstream)
+}
+
+/// A gateway configured by `toml`, on `store`, in front of `upstream`.
+pub(super) fn gateway_with(toml: &str, store: Arc<dyn Store>, upstream: SocketAddr) -> Arc<Gateway> {
     let overrides = Overrides { upstream: Some(format!("http://{upstream}")), ..Overrides::default() };
-    let config = parse_toml::<RawConfig>(ROUTES).unwrap().validate(&overrides, &|_| None).unwrap();
+    let config = parse_toml::<RawConfig>(toml).unwrap().validate(&overrides, &|_| None).unwrap();
     Arc::new(Gateway::new(&config, store).unwrap())
 }
 

@@ -40,12 +40,47 @@ pub struct RawConfig {
     pub purge_interval: Option<String>,
     /// At most this many client connections at once.
     pub max_connections: Option<i64>,
+    /// Serve the client listener over TLS.
+    pub tls: Option<RawTls>,
     /// The admin listener.
     #[serde(default)]
     pub admin: RawAdmin,
     /// Protected routes; first match wins.
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+}
+
+/// `tls = { cert = "PEM", key = "PEM" }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// The certificate chain, PEM, leaf first.
+    pub cert: Option<String>,
+    /// Its private key, PEM.
+    pub key: Option<String>,
+}
+
+/// The listener's certificate and key files (read at start-up and again on SIGHUP).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub cert: std::path::PathBuf,
+    /// The private key.
+    pub key: std::path::PathBuf,
+}
+
+impl RawTls {
+    fn validate(self, p: &mut Problems) -> Option<TlsFiles> {
+        let cert = p.check(
+            "tls.cert",
+            self.cert.filter(|c| !c.is_empty()).ok_or("is required: the certificate chain (PEM)".to_owned()),
+        );
+        let key = p.check(
+            "tls.key",
+            self.key.filter(|k| !k.is_empty()).ok_or("is required: the private key (PEM)".to_owned()),
+        );
+        Some(TlsFiles { cert: cert?.into(), key: key?.into() })
+    }
 }
 
 /// `[[routes]]`.
@@ -202,6 +237,8 @@ pub struct Config {
     pub purge_interval: Duration,
     /// At most this many client connections at once.
     pub max_connections: usize,
+    /// The client listener's certificate, when it serves TLS.
+    pub tls: Option<TlsFiles>,
     /// Whether to start the demo upstream.
     pub demo: Demo,
     /// Protected routes, in order.
@@ -237,6 +274,7 @@ impl RawConfig {
             None => Some(MAX_CONNECTIONS),
             Some(n) => p.check("max_connections", check::bounded(n, 1, 1_000_000)),
         };
+        let tls = self.tls.map(|tls| tls.validate(&mut p));
         let routes = validate_routes(self.routes, &mut p);
         let config = || {
             Some(Config {
@@ -249,6 +287,7 @@ impl RawConfig {
                 shutdown_grace: shutdown_grace?,
                 purge_interval: purge_interval?,
                 max_connections: max_connections?,
+                tls: tls.unwrap_or_default(),
                 demo: overrides.demo,
                 routes,
             })

@@ -25,6 +25,7 @@ pub use service::Gateway;
 
 use crate::host::{self, Error, Limits};
 use crate::store;
+use crate::tls::ServerTls;
 
 /// Runs the gateway until `shutdown` resolves: opens the store, binds the client and
 /// admin listeners, prints the ready line, serves, and on shutdown stops accepting, lets
@@ -40,6 +41,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             .map_err(|e| Error::failed(format!("demo upstream: cannot listen on {address}"), e))?;
         tokio::spawn(crate::demo::serve(listener));
     }
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(
+            ServerTls::load(&files.cert, &files.key)
+                .map_err(|e| Error::BadInput(anyhow::Error::new(e).context("tls")))?,
+        )),
+        None => None,
+    };
     let Some(store) = host::open_store(&config.store, &stopping).await? else { return Ok(()) };
     let listener = host::bind(config.listen, "gateway").await?;
     let admin_listener = host::bind(config.admin.listen, "admin").await?;
@@ -50,6 +58,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     tokio::spawn(host::purge_loop(store.clone(), config.purge_interval, stop.clone()));
     let admin = crate::admin::Admin { store, metrics, token: config.admin.token.clone() };
     let admin_server = host::serve_admin(admin_listener, admin, host::ADMIN_MAX_CONNECTIONS, stop.clone());
+    if let Some(tls) = &tls {
+        tokio::spawn(host::reload_on_hangup(tls.clone(), stopping.clone()));
+    }
     announce(&config, listen, admin_address);
     tracing::info!(
         listen = %listen, upstream = %config.upstream, store = %store::redact(&config.store),
@@ -69,7 +80,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, Some(peer)).await) }
         })
     };
-    host::listener::serve(listener, "gateway", limits, None, service, stopping.cancelled_owned()).await;
+    host::listener::serve(listener, "gateway", limits, tls, service, stopping.cancelled_owned()).await;
     tracing::info!("shutting down: waiting for detached executions to record their outcomes");
     gateway.tasks().close();
     gateway.tasks().wait().await;
@@ -82,7 +93,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
 /// The ready line (tests and scripts wait for it), and the quick start's hints.
 fn announce(config: &Config, listen: SocketAddr, admin: SocketAddr) {
     let upstream = &config.upstream;
-    println!("idem gateway listening on http://{listen} (admin http://{admin}), forwarding to {upstream}");
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    println!("idem gateway listening on {scheme}://{listen} (admin http://{admin}), forwarding to {upstream}");
     if config.demo == Demo::StartUpstream {
         println!("demo upstream: {upstream} — try it:");
         println!(

@@ -49,6 +49,8 @@ pub struct Gateway {
     /// that goes away never cancels an upstream call or leaves its record unfinished.
     /// Graceful shutdown waits for it to drain.
     tasks: TaskTracker,
+    /// `X-Forwarded-Proto` for the upstream: how clients reached this gateway.
+    forwarded_proto: HeaderValue,
 }
 
 /// What identifies a protected request.
@@ -75,6 +77,7 @@ impl Gateway {
             unrouted: RouteMetrics::new(""),
             store_metrics: StoreMetrics::default(),
             tasks: TaskTracker::new(),
+            forwarded_proto: HeaderValue::from_static(if config.tls.is_some() { "https" } else { "http" }),
         })
     }
 
@@ -107,7 +110,7 @@ impl Gateway {
     }
 
     async fn passthrough(&self, mut request: Request<Body>, peer: Option<SocketAddr>) -> Response<Body> {
-        self.upstream.prepare(&mut request, peer);
+        self.upstream.prepare(&mut request, peer, &self.forwarded_proto);
         match self.upstream.send(request).await {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
@@ -273,7 +276,7 @@ impl Gateway {
     ) -> Response<Body> {
         let mut request = Request::from_parts(parts, full(body));
         forward_key(route, request.headers_mut(), &record.id.key, record.created_at);
-        self.upstream.prepare(&mut request, peer);
+        self.upstream.prepare(&mut request, peer, &self.forwarded_proto);
         let renewal = owner::keep_alive(self.store.clone(), record.id.clone(), token, route.lease);
         // Whether a connection was ever made for this request: a timeout before that sent
         // nothing, so the key stays retryable.

@@ -95,8 +95,8 @@ impl Upstream {
     }
 
     /// Rewrites a client's request for the upstream: target URI, `Host`, hop-by-hop
-    /// headers removed, `X-Forwarded-For`/`-Host`/`-Proto` added.
-    pub fn prepare(&self, request: &mut Request<Body>, peer: Option<SocketAddr>) {
+    /// headers removed, `X-Forwarded-For`/`-Host` and `-Proto` (`proto`) added.
+    pub fn prepare(&self, request: &mut Request<Body>, peer: Option<SocketAddr>, proto: &HeaderValue) {
         let original_host = request
             .headers()
             .get(header::HOST)
@@ -112,7 +112,7 @@ impl Upstream {
         if let Some(host) = original_host {
             headers.insert(HeaderName::from_static("x-forwarded-host"), host);
         }
-        headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+        headers.insert(HeaderName::from_static("x-forwarded-proto"), proto.clone());
         if let Some(peer) = peer {
             let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
                 Some(prior) => format!("{prior}, {}", peer.ip()),

@@ -62,6 +62,25 @@ pub async fn open_store(url: &str, stopping: &CancellationToken) -> Result<Optio
     }
 }
 
+/// Re-reads a listener's certificate and key on every SIGHUP until `stop`, so a renewed
+/// certificate needs no restart. A file that cannot be used is logged and the certificate
+/// in use stays in use.
+pub async fn reload_on_hangup(tls: Arc<crate::tls::ServerTls>, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return tracing::warn!("cannot listen for SIGHUP: the certificate is read at start-up only");
+    };
+    loop {
+        tokio::select! {
+            Some(()) = hangups.recv() => match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+                Err(error) => tracing::error!(%error, "SIGHUP: certificate not reloaded; the one in use stays"),
+            },
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
 /// Binds a listener, naming what it is for in the error.
 pub async fn bind(address: std::net::SocketAddr, what: &str) -> Result<TcpListener, Error> {
     TcpListener::bind(address).await.map_err(|e| Error::failed(format!("{what}: cannot listen on {address}"), e))

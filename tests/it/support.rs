@@ -222,6 +222,7 @@ impl GatewayBuilder {
             env: self.env,
             admin_listen: self.admin_listen,
             child: None,
+            scheme: "http".into(),
             addr: String::new(),
             admin_addr: String::new(),
             starts: 0,
@@ -265,6 +266,8 @@ pub struct Gateway {
     env: Vec<(String, String)>,
     admin_listen: String,
     child: Option<Child>,
+    /// `http` or `https`, as the ready line says.
+    scheme: String,
     addr: String,
     admin_addr: String,
     /// How often the process was started; each start logs to its own files.
@@ -311,10 +314,12 @@ impl Gateway {
         assert!(self.child.is_none(), "the gateway is already running");
         self.starts += 1;
         let (stdout, stderr) = self.log_files();
-        let prefix = "idem gateway listening on http://";
+        let prefix = "idem gateway listening on ";
         let (child, line) = spawn_until_ready(self.command(), &stdout, &stderr, prefix).await;
         self.child = Some(child);
-        let rest = &line[prefix.len()..];
+        let (scheme, rest) =
+            line[prefix.len()..].split_once("://").unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        self.scheme = scheme.to_owned();
         let (addr, rest) = rest.split_once(" (admin http://").unwrap_or_else(|| panic!("unexpected line {line:?}"));
         let (admin, _) = rest.split_once(')').unwrap_or_else(|| panic!("unexpected line {line:?}"));
         self.addr = addr.to_owned();
@@ -323,7 +328,7 @@ impl Gateway {
 
     /// A URL on the client listener.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     /// A URL on the admin listener.

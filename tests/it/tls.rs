@@ -77,3 +77,60 @@ async fn an_unreadable_ssl_cert_file_is_bad_input() {
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("/nonexistent/ca.pem") && stderr.contains("SSL_CERT_FILE"), "{stderr}");
 }
+
+#[tokio::test]
+async fn the_listener_serves_tls_and_reads_a_renewed_certificate_on_sighup() {
+    let upstream = Upstream::start().await;
+    let files = tempfile::tempdir().expect("a temp dir");
+    let (cert, key) = (files.path().join("listener.pem"), files.path().join("listener.key"));
+    let install = |certificate: &crate::support::Certificate| {
+        std::fs::copy(certificate.chain_path(), &cert).expect("the certificate is installed");
+        std::fs::copy(certificate.key_path(), &key).expect("the key is installed");
+    };
+    let first = Authority::new("listener");
+    install(&first.issue(&["127.0.0.1", "localhost"]));
+    let config = format!("tls = {{ cert = {:?}, key = {:?} }}", cert.display().to_string(), key.display().to_string());
+    let gateway = Gateway::start(&upstream.url(), &config).await;
+    assert!(gateway.url("/").starts_with("https://"), "{}", gateway.url("/"));
+
+    let reply =
+        send(first.client().post(gateway.url("/orders")).header("Idempotency-Key", "over-tls").json(&json!({}))).await;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    let replay = first.client().post(gateway.url("/orders")).header("Idempotency-Key", "over-tls").json(&json!({}));
+    let replay = replay.send().await.expect("an answer over TLS");
+    assert_eq!(replay.version(), reqwest::Version::HTTP_2, "h2 offered by ALPN");
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(upstream.calls_for("over-tls").await, 1);
+    let plaintext = client().get(gateway.url("/orders").replace("https://", "http://")).send().await;
+    assert!(plaintext.is_err() || plaintext.is_ok_and(|r| !r.status().is_success()), "no plaintext on a TLS listener");
+
+    // A renewal from another CA, announced by SIGHUP: new connections get it, no restart.
+    let renewed = Authority::new("renewed");
+    install(&renewed.issue(&["127.0.0.1", "localhost"]));
+    let hup = std::process::Command::new("kill").args(["-HUP", &gateway.pid().to_string()]).status();
+    assert!(hup.expect("kill runs").success());
+    for _ in 0..200 {
+        if gateway.logs().contains("certificate reloaded") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(gateway.logs().contains("SIGHUP: certificate reloaded"), "{}", gateway.logs());
+    let after =
+        send(renewed.client().post(gateway.url("/orders")).header("Idempotency-Key", "renewed").json(&json!({}))).await;
+    assert_eq!(after.status, 201, "{after:?}");
+    let old = first.client().post(gateway.url("/orders")).header("Idempotency-Key", "old-ca").json(&json!({}));
+    assert!(old.send().await.is_err(), "the old certificate is no longer served");
+}
+
+#[tokio::test]
+async fn a_listener_certificate_that_cannot_be_read_is_bad_input() {
+    let config = "tls = { cert = \"/nonexistent/cert.pem\", key = \"/nonexistent/key.pem\" }";
+    let (status, stderr) = Gateway::builder(&crate::support::closed_port_url(), config).expect_exit().await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("/nonexistent/cert.pem: cannot read"), "{stderr}");
+    let (status, stderr) =
+        Gateway::builder(&crate::support::closed_port_url(), "tls = { cert = \"c.pem\" }").expect_exit().await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("tls.key: is required"), "{stderr}");
+}

@@ -18,6 +18,35 @@ pub enum KeyError {
     /// A space, a control character or a byte outside ASCII.
     #[error("the key may contain only visible ASCII characters")]
     NotVisibleAscii,
+    /// A value that starts with `"` but is not one Structured Field string.
+    #[error(
+        "a quoted key must be one Structured Field string (RFC 8941): printable ASCII between double quotes, \
+         with \\ escaping only \" and \\, and nothing after the closing quote"
+    )]
+    NotSfString,
+}
+
+/// The key an idempotency-key header names. The IETF draft defines the header as a
+/// Structured Field string (`"abc"`), Stripe-style clients send the key bare (`abc`): both
+/// name the key `abc`. A value that starts with a double quote must be a valid sf-string
+/// (RFC 8941 §3.3.3), so a typo never silently becomes part of a key; parameters after it
+/// (`"abc";x=1`) are refused too, since no key is defined to carry any.
+pub fn from_header(value: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, KeyError> {
+    let Some(quoted) = value.strip_prefix(b"\"") else { return Ok(value.into()) };
+    let mut key = Vec::with_capacity(quoted.len());
+    let mut bytes = quoted.iter();
+    while let Some(&byte) = bytes.next() {
+        match byte {
+            b'"' if bytes.as_slice().is_empty() => return Ok(key.into()),
+            b'\\' => match bytes.next() {
+                Some(&escaped @ (b'"' | b'\\')) => key.push(escaped),
+                _ => return Err(KeyError::NotSfString),
+            },
+            0x20..=0x7e if byte != b'"' => key.push(byte),
+            _ => return Err(KeyError::NotSfString),
+        }
+    }
+    Err(KeyError::NotSfString)
 }
 
 /// How a route normalises keys before use.
@@ -91,6 +120,18 @@ pub fn hash_for_logs(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_structured_field_string_and_a_bare_token_name_the_same_key() {
+        assert_eq!(from_header(b"abc").unwrap().as_ref(), b"abc");
+        assert_eq!(from_header(b"\"abc\"").unwrap().as_ref(), b"abc");
+        assert_eq!(from_header(br#""a\"b\\c""#).unwrap().as_ref(), br#"a"b\c"#);
+        // Unescaped it may hold a space, which the key rules then refuse as they would bare.
+        assert_eq!(from_header(b"\"a b\"").unwrap().as_ref(), b"a b");
+        for bad in [&b"\""[..], b"\"abc", b"\"a\"b\"", b"\"abc\";x=1", b"\"a\\x\"", b"\"a\tb\"", "\"é\"".as_bytes()] {
+            assert_eq!(from_header(bad), Err(KeyError::NotSfString), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn keys_are_visible_ascii_of_bounded_length() {

@@ -374,7 +374,10 @@ fn route_key(
             if values.next().is_some() {
                 return Err(Problem::BadRequest(format!("Send exactly one {name} header.")));
             }
-            first.map(|v| v.as_bytes().to_vec())
+            match first {
+                Some(value) => Some(key::from_header(value.as_bytes()).map_err(Problem::KeyInvalid)?.into_owned()),
+                None => None,
+            }
         }
         KeySource::Body(pointers) => key::from_body(body, pointers).map(String::into_bytes),
         KeySource::Fingerprint => Some(fingerprint.to_hex().into_bytes()),

@@ -304,3 +304,23 @@ async fn method_path_and_content_type_are_part_of_the_fingerprint() {
     assert!(same.replayed(), "{same:?}");
     assert_eq!(upstream.calls().await, 1);
 }
+
+#[tokio::test]
+async fn a_structured_field_key_and_a_bare_one_are_the_same_key() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), "").await;
+    let order =
+        |key: &str| client().post(gateway.url("/orders")).header("Idempotency-Key", key).json(&json!({ "n": 1 }));
+    let quoted = send(order("\"sf-1\"")).await;
+    assert_eq!(quoted.status, 201, "{quoted:?}");
+    let bare = send(order("sf-1")).await;
+    assert!(bare.replayed(), "the IETF draft's \"sf-1\" and Stripe's sf-1 are one key: {bare:?}");
+    assert_eq!(upstream.calls_for("\"sf-1\"").await + upstream.calls_for("sf-1").await, 1);
+    assert!(gateway.record("default", "sf-1").await.is_some(), "stored under the unquoted key");
+
+    for broken in ["\"sf-2", "\"sf-2\";x=1", "\"a\\z\""] {
+        let reply = send(order(broken)).await;
+        assert_problem(&reply, 400, "idempotency-key-invalid");
+    }
+    assert_eq!(upstream.calls().await, 1, "a malformed quoted key reached nothing");
+}

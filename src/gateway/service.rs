@@ -51,6 +51,57 @@ pub struct Gateway {
     tasks: TaskTracker,
     /// `X-Forwarded-Proto` for the upstream: how clients reached this gateway.
     forwarded_proto: HeaderValue,
+    /// Keyed requests that matched no route, warned about once per pattern.
+    unmatched: Unmatched,
+}
+
+/// Requests that carry a route's key header but match no protected route are forwarded
+/// unprotected (SPEC §4); a route glob that misses must not fail silently, so each such
+/// method and path pattern is logged as a warning once. A pattern is the path with every
+/// segment that looks like an id written `*` (see [`looks_like_an_id`]), so `/orders/eu/1`
+/// and `/orders/eu/2` are one; at most [`Unmatched::PATTERNS`] are remembered.
+struct Unmatched {
+    key_headers: Vec<HeaderName>,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// A path segment that names one thing rather than a kind of thing: it starts with a digit
+/// (`42`, `2026-12-01`, a UUID that does) or is long and holds one (`ord_12345678`, a
+/// UUID); a short word with a digit, like the version `v1`, is kept.
+fn looks_like_an_id(segment: &str) -> bool {
+    let has_digit = segment.bytes().any(|b| b.is_ascii_digit());
+    segment.starts_with(|c: char| c.is_ascii_digit()) || (has_digit && segment.len() >= 8)
+}
+
+impl Unmatched {
+    const PATTERNS: usize = 1024;
+
+    fn new(routes: &RouteTable) -> Self {
+        let mut key_headers: Vec<HeaderName> = routes
+            .iter()
+            .filter_map(|route| match &route.key {
+                KeySource::Header(name) => Some(name.clone()),
+                KeySource::Body(_) | KeySource::Fingerprint => None,
+            })
+            .collect();
+        key_headers.dedup();
+        Unmatched { key_headers, seen: Default::default() }
+    }
+
+    fn notice(&self, method: &Method, path: &str, headers: &HeaderMap) {
+        let Some(header) = self.key_headers.iter().find(|name| headers.contains_key(*name)) else { return };
+        let pattern: Vec<&str> =
+            path.split('/').map(|segment| if looks_like_an_id(segment) { "*" } else { segment }).collect();
+        let pattern = format!("{method} {}", pattern.join("/"));
+        let mut seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if seen.len() < Self::PATTERNS && seen.insert(pattern.clone()) {
+            tracing::warn!(
+                request = %pattern, header = %header,
+                "a request with an idempotency key matched no protected route and was forwarded unprotected; \
+                 check the routes' methods and path globs (`*` stays within a segment, `**` crosses them)"
+            );
+        }
+    }
 }
 
 /// What identifies a protected request.
@@ -67,6 +118,7 @@ impl Gateway {
     pub fn new(config: &Config, store: Arc<dyn Store>) -> Result<Self, crate::tls::Error> {
         let routes = RouteTable::new(config.routes.clone());
         let route_metrics = routes.iter().map(|r| RouteMetrics::new(&r.name)).collect();
+        let unmatched = Unmatched::new(&routes);
         Ok(Self {
             routes,
             store,
@@ -78,6 +130,7 @@ impl Gateway {
             store_metrics: StoreMetrics::default(),
             tasks: TaskTracker::new(),
             forwarded_proto: HeaderValue::from_static(if config.tls.is_some() { "https" } else { "http" }),
+            unmatched,
         })
     }
 
@@ -103,6 +156,9 @@ impl Gateway {
                 .response();
             }
             self.unrouted.request(Label::Passthrough);
+            if !safe {
+                self.unmatched.notice(request.method(), request.uri().path(), request.headers());
+            }
             return self.passthrough(request.map(boxed), peer).await;
         };
         let route = route.clone();

@@ -324,3 +324,28 @@ async fn a_structured_field_key_and_a_bare_one_are_the_same_key() {
     }
     assert_eq!(upstream.calls().await, 1, "a malformed quoted key reached nothing");
 }
+
+#[tokio::test]
+async fn a_keyed_request_that_matches_no_route_is_forwarded_and_warned_about_once_per_pattern() {
+    let upstream = Upstream::start().await;
+    let config = r#"
+        [[routes]]
+        name = "orders"
+        path = "/v1/orders/*"
+    "#;
+    let gateway = Gateway::start(&upstream.url(), config).await;
+    // `*` stays within a segment: /v1/orders/eu/N is not protected.
+    for n in 1..=3 {
+        let request = client().post(gateway.url(&format!("/v1/orders/eu/{n}"))).header("Idempotency-Key", "missed");
+        let reply = send(request.json(&json!({}))).await;
+        assert_eq!(reply.status, 201, "forwarded unprotected, as before: {reply:?}");
+        assert!(!reply.replayed(), "{reply:?}");
+    }
+    assert_eq!(upstream.calls_for("missed").await, 3, "nothing protected it");
+    let unkeyed = client().post(gateway.url("/v1/other/1")).json(&json!({}));
+    assert_eq!(send(unkeyed).await.status, 201);
+    let logs = gateway.logs();
+    let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("matched no protected route")).collect();
+    assert_eq!(warnings.len(), 1, "one warning for the pattern, none for the unkeyed request: {logs}");
+    assert!(warnings[0].contains("POST /v1/orders/eu/*") && warnings[0].contains("idempotency-key"), "{logs}");
+}

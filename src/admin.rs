@@ -28,6 +28,9 @@ pub struct Admin {
     pub metrics: PrometheusHandle,
     /// The bearer token `/v1` requires, when configured.
     pub token: Option<String>,
+    /// `GET /v1/routes`: what the entry point protects (the gateway's route table: name,
+    /// methods, path, upstream); empty for an entry point without routes.
+    pub routes: Vec<Value>,
 }
 
 /// The admin router.
@@ -38,6 +41,10 @@ pub fn router(admin: Arc<Admin>) -> axum::Router {
         .route("/v1/records/{scope}/{key}/resolve", post(resolve))
         .route("/v1/purge", post(purge))
         .route("/v1/stats", get(stats))
+        .route(
+            "/v1/routes",
+            get(|State(admin): State<Arc<Admin>>| async move { Json(json!({ "routes": admin.routes })) }),
+        )
         .route_layer(middleware::from_fn_with_state(admin.clone(), authorize));
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

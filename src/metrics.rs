@@ -25,6 +25,8 @@ pub const RECORDS: &str = "idem_records";
 pub const MESSAGES: &str = "idem_messages_total";
 /// Messages the broker holds that the subscriber has not received yet.
 pub const CONSUMER_LAG: &str = "idem_consumer_lag";
+/// Gauge, always 1, labelled `route` and `upstream`: which API each gateway route forwards to.
+pub const ROUTE_UPSTREAM: &str = "idem_route_upstream";
 
 /// The `decision` label of [`REQUESTS`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,6 +172,11 @@ impl Default for StoreMetrics {
             finish: metrics::histogram!(STORE_SECONDS, "op" => "finish"),
         }
     }
+}
+
+/// Publishes which upstream a route forwards to (`idem_route_upstream{route,upstream} 1`).
+pub fn set_route_upstream(route: &str, upstream: &str) {
+    metrics::gauge!(ROUTE_UPSTREAM, "route" => route.to_owned(), "upstream" => upstream.to_owned()).set(1.0);
 }
 
 /// Sets the record gauges from store stats.

@@ -170,7 +170,7 @@ pub async fn run(consumer: Consumer, shutdown: impl Future<Output = ()> + Send +
         Some((address, token)) => {
             let listener = host::bind(address, "admin").await?;
             let address = listener.local_addr().map_err(|e| Error::failed("admin listener", e))?;
-            let admin = crate::admin::Admin { store: store.clone(), metrics, token };
+            let admin = crate::admin::Admin { store: store.clone(), metrics, token, routes: Vec::new() };
             println!("idem consume {}: admin http://{address}", consumer.subscriber);
             Some(host::serve_admin(listener, admin, host::ADMIN_MAX_CONNECTIONS, closing.clone()))
         }

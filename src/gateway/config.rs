@@ -105,6 +105,8 @@ pub struct RawRoute {
     pub in_flight: Option<RawInFlight>,
     /// Lease length.
     pub lease: Option<String>,
+    /// The route's own upstream.
+    pub upstream: Option<String>,
     /// Budget for the whole upstream exchange.
     pub upstream_timeout: Option<String>,
     /// `review` or `retry`.
@@ -322,6 +324,10 @@ impl RawRoute {
         let matcher = p.check(&field(at, "path"), glob(&path));
         let ttl = duration(p, &field(at, "ttl"), self.ttl, "24h");
         let lease = lease(p, &field(at, "lease"), self.lease);
+        let upstream = match self.upstream {
+            Some(url) => p.check(&field(at, "upstream"), upstream_uri(&url)).map(Some),
+            None => Some(None),
+        };
         let upstream_timeout = duration(p, &field(at, "upstream_timeout"), self.upstream_timeout, "30s");
         let max_body = size(p, &field(at, "max_body"), self.max_body, "1MiB");
         let max_stored_response = size(p, &field(at, "max_stored_response"), self.max_stored_response, "1MiB");
@@ -350,6 +356,7 @@ impl RawRoute {
             tenant: tenant?,
             in_flight: in_flight?,
             lease: lease?,
+            upstream: upstream?,
             upstream_timeout: upstream_timeout?,
             on_unknown: self.on_unknown.unwrap_or_default(),
             store_server_errors: self.store_server_errors.unwrap_or(false),

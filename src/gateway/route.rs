@@ -38,6 +38,8 @@ pub struct Route {
     pub in_flight: InFlight,
     /// How long a claim holds without renewal.
     pub lease: Duration,
+    /// The route's own upstream; `None` forwards to the gateway's `upstream`.
+    pub upstream: Option<http::Uri>,
     /// Budget for the upstream exchange, body included.
     pub upstream_timeout: Duration,
     /// What an unknown outcome turns into.

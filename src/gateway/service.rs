@@ -42,6 +42,8 @@ pub struct Gateway {
     client_timeout: Duration,
     /// Metric handles, one per route in table order.
     route_metrics: Vec<RouteMetrics>,
+    /// Each route's upstream, by the route's index (the gateway's own when it names none).
+    route_upstreams: Vec<Upstream>,
     /// Metric handles for requests no route protects.
     unrouted: RouteMetrics,
     store_metrics: StoreMetrics,
@@ -118,11 +120,16 @@ impl Gateway {
     pub fn new(config: &Config, store: Arc<dyn Store>) -> Result<Self, crate::tls::Error> {
         let routes = RouteTable::new(config.routes.clone());
         let route_metrics = routes.iter().map(|r| RouteMetrics::new(&r.name)).collect();
+        let upstream = Upstream::new(config.upstream.clone())?;
+        // One pooled client for every upstream: a route's own base shares its connections.
+        let route_upstreams =
+            routes.iter().map(|r| upstream.at(r.upstream.clone().unwrap_or_else(|| config.upstream.clone()))).collect();
         let unmatched = Unmatched::new(&routes);
         Ok(Self {
             routes,
             store,
-            upstream: Upstream::new(config.upstream.clone())?,
+            upstream,
+            route_upstreams,
             odata: config.odata,
             client_timeout: config.client_timeout,
             route_metrics,
@@ -132,6 +139,23 @@ impl Gateway {
             forwarded_proto: HeaderValue::from_static(if config.tls.is_some() { "https" } else { "http" }),
             unmatched,
         })
+    }
+
+    /// The route table as the admin API shows it (`GET /v1/routes`): each route's name,
+    /// methods, path glob and upstream, in matching order. Also logs each route and
+    /// publishes `idem_route_upstream`.
+    pub fn publish_routes(&self) -> Vec<serde_json::Value> {
+        self.routes
+            .iter()
+            .zip(&self.route_upstreams)
+            .map(|(route, upstream)| {
+                let upstream = upstream.base().to_string();
+                tracing::info!(route = %route.name, path = %route.path, upstream = %upstream, "route");
+                crate::metrics::set_route_upstream(&route.name, &upstream);
+                let methods: Vec<&str> = route.methods.iter().map(Method::as_str).collect();
+                serde_json::json!({ "name": route.name, "methods": methods, "path": route.path, "upstream": upstream })
+            })
+            .collect()
     }
 
     /// The detached executions, for graceful shutdown.
@@ -288,7 +312,8 @@ impl Gateway {
                     ExecuteReason::Expired => metrics.expired_key_retry(),
                     ExecuteReason::New | ExecuteReason::UnknownRetry | ExecuteReason::Changed => {}
                 }
-                let response = self.execute(route, metrics, parts, body, &record, token, peer).await;
+                let upstream = &self.route_upstreams[index];
+                let response = self.execute(route, metrics, upstream, parts, body, &record, token, peer).await;
                 (Label::Executed, accepted(response, identified.odata))
             }
             (Decision::Replay, _) => (Label::Replayed, accepted(replay(&record), identified.odata)),
@@ -324,6 +349,7 @@ impl Gateway {
         &self,
         route: &Route,
         metrics: &RouteMetrics,
+        upstream: &Upstream,
         parts: Parts,
         body: Bytes,
         record: &Record,
@@ -332,13 +358,13 @@ impl Gateway {
     ) -> Response<Body> {
         let mut request = Request::from_parts(parts, full(body));
         forward_key(route, request.headers_mut(), &record.id.key, record.created_at);
-        self.upstream.prepare(&mut request, peer, &self.forwarded_proto);
+        upstream.prepare(&mut request, peer, &self.forwarded_proto);
         let renewal = owner::keep_alive(self.store.clone(), record.id.clone(), token, route.lease);
         // Whether a connection was ever made for this request: a timeout before that sent
         // nothing, so the key stays retryable.
         let connection = capture_connection(&mut request);
         let started = Instant::now();
-        let exchange = tokio::time::timeout(route.upstream_timeout, self.exchange(request)).await;
+        let exchange = tokio::time::timeout(route.upstream_timeout, exchange(upstream, request)).await;
         drop(renewal);
         metrics.upstream_time(started.elapsed());
         let (outcome, response) = match exchange {
@@ -368,14 +394,17 @@ impl Gateway {
         owner::finish(self.store.as_ref(), &record.id, token, outcome, |took| timer.record(took.as_secs_f64())).await;
         response
     }
+}
 
-    /// Sends a request and reads the whole answer.
-    async fn exchange(&self, request: Request<Body>) -> Result<(http::response::Parts, Bytes), UpstreamError> {
-        let response = self.upstream.send(request).await?;
-        let (parts, body) = response.into_parts();
-        let bytes = body.collect().await.map_err(|e| UpstreamError::Lost(format!("answer broken off: {e}")))?;
-        Ok((parts, bytes.to_bytes()))
-    }
+/// Sends a request and reads the whole answer.
+async fn exchange(
+    upstream: &Upstream,
+    request: Request<Body>,
+) -> Result<(http::response::Parts, Bytes), UpstreamError> {
+    let response = upstream.send(request).await?;
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.map_err(|e| UpstreamError::Lost(format!("answer broken off: {e}")))?;
+    Ok((parts, bytes.to_bytes()))
 }
 
 /// Derives the record id and fingerprint of a protected request. `Ok(None)`: no key on a

@@ -73,6 +73,17 @@ impl Upstream {
         Ok(Self { client, base, prefix })
     }
 
+    /// The same pooled client in front of another base URI (a route's own upstream).
+    pub fn at(&self, base: Uri) -> Upstream {
+        let prefix = base.path().trim_end_matches('/').to_owned();
+        Upstream { client: self.client.clone(), base, prefix }
+    }
+
+    /// The base URI.
+    pub fn base(&self) -> &Uri {
+        &self.base
+    }
+
     /// The upstream URI for a request URI.
     pub fn target(&self, uri: &Uri) -> Uri {
         let path_and_query = uri.path_and_query().map(PathAndQuery::as_str).unwrap_or("/");

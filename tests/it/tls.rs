@@ -134,3 +134,46 @@ async fn a_listener_certificate_that_cannot_be_read_is_bad_input() {
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("tls.key: is required"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_route_forwards_to_its_own_upstream_and_the_route_table_says_which() {
+    let plain = Upstream::start().await;
+    let ca = Authority::new("second API");
+    let secure = Upstream::start_tls(&ca.issue(&["127.0.0.1", "localhost"]), &ca).await;
+    let config = format!(
+        r#"
+        [[routes]]
+        name = "invoices"
+        path = "/invoices"
+        upstream = "{}/billing/"
+
+        [[routes]]
+        name = "orders"
+        path = "/orders"
+        "#,
+        secure.url()
+    );
+    let gateway = Gateway::builder(&plain.url(), &config).env("SSL_CERT_FILE", &ca.pem_path()).start().await;
+    let post = |path: &str, key: &str| client().post(gateway.url(path)).header("Idempotency-Key", key).json(&json!({}));
+    let invoice = send(post("/invoices", "inv-1")).await;
+    assert_eq!(invoice.status, 201, "{invoice:?}");
+    assert_eq!(invoice.json()["path"], "/billing/invoices", "under the route's upstream prefix: {invoice:?}");
+    assert!(send(post("/invoices", "inv-1")).await.replayed());
+    let order = send(post("/orders", "ord-1")).await;
+    assert_eq!(order.status, 201, "{order:?}");
+    assert_eq!((secure.calls_for("inv-1").await, plain.calls_for("inv-1").await), (1, 0));
+    assert_eq!((plain.calls_for("ord-1").await, secure.calls_for("ord-1").await), (1, 0));
+
+    let routes = send(client().get(gateway.admin("/v1/routes"))).await.json();
+    assert_eq!(routes["routes"][0]["name"], "invoices", "{routes}");
+    assert_eq!(routes["routes"][0]["upstream"], format!("{}/billing/", secure.url()), "{routes}");
+    assert_eq!(routes["routes"][1]["upstream"], format!("{}/", plain.url()), "{routes}");
+    let metrics = send(client().get(gateway.admin("/metrics"))).await.text();
+    let line = format!("idem_route_upstream{{route=\"invoices\",upstream=\"{}/billing/\"}} 1", secure.url());
+    assert!(metrics.contains(&line), "{line} in {metrics}");
+
+    let bad = "[[routes]]\nname = \"x\"\nupstream = \"ftp://files.example.com\"\n";
+    let (status, stderr) = Gateway::builder(&plain.url(), bad).expect_exit().await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("routes[0].upstream") && stderr.contains("\"ftp\" is not supported"), "{stderr}");
+}

@@ -227,8 +227,8 @@ pub struct Config {
     pub upstream: Uri,
     /// Store URL.
     pub store: String,
-    /// Honour OData `Repeatability-*` headers.
-    pub odata: bool,
+    /// Whether OData `Repeatability-*` headers are honoured.
+    pub odata: super::odata::Repeatable,
     /// Admin listener and token.
     pub admin: Admin,
     /// Budget for a client to send its headers and body.
@@ -283,7 +283,11 @@ impl RawConfig {
                 listen: listen?,
                 upstream: upstream?,
                 store,
-                odata: self.odata.unwrap_or(false),
+                odata: if self.odata.unwrap_or(false) {
+                    super::odata::Repeatable::Honoured
+                } else {
+                    super::odata::Repeatable::Ignored
+                },
                 admin: admin?,
                 client_timeout: client_timeout?,
                 shutdown_grace: shutdown_grace?,
@@ -588,7 +592,7 @@ mod tests {
         )
         .unwrap();
         let route = &config.routes[0];
-        assert!(config.odata);
+        assert_eq!(config.odata, crate::gateway::odata::Repeatable::Honoured);
         assert!(route.matcher.is_match("/v1/orders/1"));
         assert!(!route.matcher.is_match("/v1/orders/1/items"));
         assert_eq!(route.in_flight, InFlight::Wait(Duration::from_secs(5)));

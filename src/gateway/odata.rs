@@ -7,6 +7,16 @@ use http::header::{HeaderMap, HeaderName};
 
 use super::problem::Problem;
 
+/// Whether the gateway honours OData Repeatable Requests (`odata = true`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Repeatable {
+    /// `Repeatability-*` headers are ignored (they pass through like any header).
+    #[default]
+    Ignored,
+    /// `Repeatability-Request-ID` is a key; the headers are checked and answered.
+    Honoured,
+}
+
 /// The client's request id: the idempotency key.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("repeatability-request-id");
 /// When the client first sent the request (IMF-fixdate).

@@ -38,7 +38,7 @@ pub struct Gateway {
     routes: RouteTable,
     store: Arc<dyn Store>,
     upstream: Upstream,
-    odata: bool,
+    odata: odata::Repeatable,
     client_timeout: Duration,
     /// Metric handles, one per route in table order.
     route_metrics: Vec<RouteMetrics>,
@@ -111,8 +111,17 @@ impl Unmatched {
 struct Identified {
     id: RecordId,
     fingerprint: Fingerprint,
-    /// Came in as an OData repeatable request.
-    odata: bool,
+    /// How the request came in: an OData repeatable request is answered as one.
+    kind: RequestKind,
+}
+
+/// Whether a protected request came in as an OData repeatable request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RequestKind {
+    /// An idempotency key (or a body key, or the fingerprint).
+    Keyed,
+    /// `Repeatability-Request-ID` + `Repeatability-First-Sent`.
+    Repeatable,
 }
 
 impl Gateway {
@@ -171,7 +180,7 @@ impl Gateway {
     {
         let Some((index, route)) = self.routes.find(request.method(), request.uri().path()) else {
             let safe = request.method() == Method::GET || request.method() == Method::HEAD;
-            if self.odata && !safe && odata::present(request.headers()) {
+            if self.odata == odata::Repeatable::Honoured && !safe && odata::present(request.headers()) {
                 self.unrouted.request(Label::Rejected);
                 return Problem::RepeatabilityRejected {
                     status: StatusCode::NOT_IMPLEMENTED,
@@ -314,11 +323,11 @@ impl Gateway {
                 }
                 let upstream = &self.route_upstreams[index];
                 let response = self.execute(route, metrics, upstream, parts, body, &record, token, peer).await;
-                (Label::Executed, accepted(response, identified.odata))
+                (Label::Executed, accepted(response, identified.kind))
             }
-            (Decision::Replay, _) => (Label::Replayed, accepted(replay(&record), identified.odata)),
+            (Decision::Replay, _) => (Label::Replayed, accepted(replay(&record), identified.kind)),
             (Decision::NotRetained, _) => (Label::Rejected, Problem::NotRetained.response()),
-            (Decision::KeyReused, _) if identified.odata => (
+            (Decision::KeyReused, _) if identified.kind == RequestKind::Repeatable => (
                 Label::KeyReused,
                 Problem::RepeatabilityRejected {
                     status: StatusCode::BAD_REQUEST,
@@ -409,8 +418,16 @@ async fn exchange(
 
 /// Derives the record id and fingerprint of a protected request. `Ok(None)`: no key on a
 /// route where it is optional.
-fn identify(route: &Route, odata_enabled: bool, parts: &Parts, body: &Bytes) -> Result<Option<Identified>, Problem> {
-    let repeatable = if odata_enabled { odata::parse(&parts.headers, SystemTime::now(), route.ttl)? } else { None };
+fn identify(
+    route: &Route,
+    odata: odata::Repeatable,
+    parts: &Parts,
+    body: &Bytes,
+) -> Result<Option<Identified>, Problem> {
+    let repeatable = match odata {
+        odata::Repeatable::Honoured => odata::parse(&parts.headers, SystemTime::now(), route.ttl)?,
+        odata::Repeatable::Ignored => None,
+    };
     let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let view = RequestView {
         method: parts.method.as_str(),
@@ -443,7 +460,8 @@ fn identify(route: &Route, odata_enabled: bool, parts: &Parts, body: &Bytes) -> 
         None => Problem::KeyInvalid(e),
     })?;
     let tenant = tenant(route, &parts.headers)?;
-    Ok(Some(Identified { id: RecordId::new(scope, tenant, key), fingerprint, odata: repeatable.is_some() }))
+    let kind = if repeatable.is_some() { RequestKind::Repeatable } else { RequestKind::Keyed };
+    Ok(Some(Identified { id: RecordId::new(scope, tenant, key), fingerprint, kind }))
 }
 
 fn route_key(
@@ -572,8 +590,8 @@ fn replay(record: &Record) -> Response<Body> {
     response
 }
 
-fn accepted(mut response: Response<Body>, odata: bool) -> Response<Body> {
-    if odata {
+fn accepted(mut response: Response<Body>, kind: RequestKind) -> Response<Body> {
+    if kind == RequestKind::Repeatable {
         response.headers_mut().insert(odata::RESULT, HeaderValue::from_static("accepted"));
     }
     response

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use tokio::task::JoinHandle;
 
 use super::*;
+use tokio_postgres::NoTls;
 use crate::core::{Decision, OnUnknown};
 
 const URL_VAR: &str = "IDEM_TEST_POSTGRES_URL";

@@ -313,5 +313,6 @@ mod tests {
     #[test]
     fn mozillas_roots_are_always_trusted() {
         assert!(roots().unwrap().len() >= webpki_roots::TLS_SERVER_ROOTS.len());
+        assert!(root_certificates().unwrap().len() >= webpki_root_certs::TLS_SERVER_ROOT_CERTS.len());
     }
 }

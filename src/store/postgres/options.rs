@@ -86,7 +86,9 @@ impl Options {
                 "sslmode" => set_once(&mut mode, name, parse_ssl_mode(value)?)?,
                 "sslrootcert" => set_once(&mut root, name, decode(name, value)?)?,
                 "sslcert" | "sslkey" | "sslpassword" => {
-                    return Err(format!("`{name}`: client certificates are not supported; authenticate with a password"));
+                    return Err(format!(
+                        "`{name}`: client certificates are not supported; authenticate with a password"
+                    ));
                 }
                 _ => passed.push(pair),
             }

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use tokio::task::JoinHandle;
 
 use super::*;
-use tokio_postgres::NoTls;
 use crate::core::{Decision, OnUnknown};
+use tokio_postgres::NoTls;
 
 const URL_VAR: &str = "IDEM_TEST_POSTGRES_URL";
 const DEFAULT_URL: &str = "postgres://root@127.0.0.1:5432/test";

@@ -52,8 +52,12 @@ pub fn connector(options: &Tls, url: &str) -> Result<MakeRustlsConnect, Error> {
         (SslMode::Prefer, None) => Ok(unauthenticated()),
         (SslMode::VerifyFull, None) => tls::client_config(),
         (SslMode::VerifyFull, Some(root)) => tls::client_config_with(root, Check::ChainAndName),
-        (SslMode::Prefer | SslMode::Require | SslMode::VerifyCa, Some(root)) => tls::client_config_with(root, Check::Chain),
-        (SslMode::Require | SslMode::VerifyCa, None) => tls::roots().and_then(|roots| tls::client_config_with(roots, Check::Chain)),
+        (SslMode::Prefer | SslMode::Require | SslMode::VerifyCa, Some(root)) => {
+            tls::client_config_with(root, Check::Chain)
+        }
+        (SslMode::Require | SslMode::VerifyCa, None) => {
+            tls::roots().and_then(|roots| tls::client_config_with(roots, Check::Chain))
+        }
     }
     .map_err(|e| Error::Tls(e.to_string()))?;
     Ok(MakeRustlsConnect::new(ClientConfig::clone(&config)))

@@ -6,7 +6,14 @@
 //! public APIs), the platform's store (or what `SSL_CERT_DIR`/`SSL_CERT_FILE` put in its
 //! place), and the PEM bundle named by `SSL_CERT_FILE` — a private CA is added by pointing
 //! `SSL_CERT_FILE` at it. Verification of the chain and the host name is always on: there
-//! is no switch to turn it off.
+//! is no switch to turn it off. A client may check less only where its protocol's own
+//! convention says so, and then only by name: PostgreSQL's `sslmode=verify-ca` checks the
+//! chain but not the name ([`Check::Chain`]), and `sslmode=prefer` is libpq's opportunistic
+//! encryption (see `store::postgres::tls`).
+//!
+//! A client that takes its roots as certificates rather than as a [`RootCertStore`] (the
+//! redis crate) gets the same set from [`root_certificates`]; one that must trust a CA of
+//! its own (`sslrootcert=`) builds its configuration with [`client_config_with`].
 //!
 //! **Serving:** a certificate chain and key from PEM files, HTTP/2 and HTTP/1.1 offered by
 //! ALPN, re-read on demand ([`ServerTls::reload`], on SIGHUP) so a renewed certificate
@@ -15,9 +22,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 /// A TLS configuration that cannot be used.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -35,8 +44,18 @@ pub enum Error {
     Config(String),
 }
 
+/// What a client checks of the server's certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// The chain up to a trusted root, and that the certificate names the host dialled.
+    ChainAndName,
+    /// The chain only: any name, as long as a trusted root signed it (PostgreSQL's
+    /// `verify-ca`, for servers reached by an address their certificate does not name).
+    Chain,
+}
+
 /// The one crypto provider: named explicitly, since several may be compiled in.
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -44,16 +63,25 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// (a bad `SSL_CERT_FILE` is reported on every call, so each client says so at start-up).
 pub fn client_config() -> Result<Arc<ClientConfig>, Error> {
     static CONFIG: OnceLock<Result<Arc<ClientConfig>, Error>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let config = ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| Error::Config(e.to_string()))?
-                .with_root_certificates(roots()?)
-                .with_no_client_auth();
-            Ok(Arc::new(config))
-        })
-        .clone()
+    CONFIG.get_or_init(|| client_config_with(roots()?, Check::ChainAndName)).clone()
+}
+
+/// A client configuration trusting `roots` only (not the defaults), checking `check`.
+/// Built anew on every call: for a connection with a CA of its own, and for tests.
+pub fn client_config_with(roots: RootCertStore, check: Check) -> Result<Arc<ClientConfig>, Error> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let config = match check {
+        Check::ChainAndName => builder.with_root_certificates(roots).with_no_client_auth(),
+        Check::Chain => {
+            let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| Error::Config(e.to_string()))?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(chain))).with_no_client_auth()
+        }
+    };
+    Ok(Arc::new(config))
 }
 
 /// The trusted roots (see the module docs).
@@ -64,18 +92,127 @@ pub fn roots() -> Result<RootCertStore, Error> {
     // Mozilla's roots); an unreadable SSL_CERT_FILE is, below.
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
-    if let Some(path) = std::env::var_os("SSL_CERT_FILE").filter(|p| !p.is_empty()) {
-        let path = PathBuf::from(path);
-        let bundle = read_certificates(&path).map_err(|e| match e {
-            Error::File { path, reason } => Error::File { path, reason: format!("SSL_CERT_FILE: {reason}") },
-            other => other,
-        })?;
+    if let Some((path, bundle)) = ssl_cert_file()? {
         let (_, refused) = roots.add_parsable_certificates(bundle);
         if refused > 0 {
             tracing::warn!(path = %path.display(), refused, "SSL_CERT_FILE: some certificates are not usable as roots");
         }
     }
     Ok(roots)
+}
+
+/// The same trusted roots as [`roots`], as whole certificates: Mozilla's programme, the
+/// platform's store and `SSL_CERT_FILE`. Every one is usable as a root (the others are
+/// left out), so a client that refuses a whole bundle for one bad entry accepts this one.
+pub fn root_certificates() -> Result<Vec<CertificateDer<'static>>, Error> {
+    let mut all: Vec<CertificateDer<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS.to_vec();
+    all.extend(rustls_native_certs::load_native_certs().certs);
+    if let Some((_, bundle)) = ssl_cert_file()? {
+        all.extend(bundle);
+    }
+    let mut check = RootCertStore::empty();
+    all.retain(|certificate| check.add(certificate.clone()).is_ok());
+    Ok(all)
+}
+
+/// The certificates of `SSL_CERT_FILE`, when it is set.
+fn ssl_cert_file() -> Result<Option<(PathBuf, Vec<CertificateDer<'static>>)>, Error> {
+    let Some(path) = std::env::var_os("SSL_CERT_FILE").filter(|p| !p.is_empty()) else { return Ok(None) };
+    let path = PathBuf::from(path);
+    let bundle = read_certificates(&path).map_err(|e| match e {
+        Error::File { path, reason } => Error::File { path, reason: format!("SSL_CERT_FILE: {reason}") },
+        other => other,
+    })?;
+    Ok(Some((path, bundle)))
+}
+
+/// The rustls error behind a connection failure, if a TLS handshake is what failed: a
+/// certificate that is not trusted, or a server that does not speak TLS as expected. Such
+/// a failure is the configuration's, not an outage, so no retry fixes it.
+pub fn handshake_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if let Some(tls) = current.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        // `io::Error::source` skips the error it wraps, which is where tokio-rustls puts
+        // the rustls error: look inside. Some clients (redis) keep their cause behind an
+        // `Arc`, whose `source` skips it too.
+        if let Some(inner) = current.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            cause = Some(inner);
+        } else if let Some(shared) = current.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>() {
+            cause = Some(&**shared);
+        } else {
+            cause = current.source();
+        }
+    }
+    None
+}
+
+/// A handshake failure in words an operator can act on: what is wrong, then rustls' own.
+pub fn describe(error: &rustls::Error) -> String {
+    let hint = match error {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "the server's certificate is not signed by a trusted CA"
+        }
+        rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
+        | rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. }) => {
+            "the server's certificate does not name the host dialled"
+        }
+        rustls::Error::InvalidCertificate(CertificateError::Expired)
+        | rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
+            "the server's certificate has expired"
+        }
+        rustls::Error::InvalidCertificate(_) => "the server's certificate is not valid",
+        _ => "the TLS handshake failed",
+    };
+    format!("{hint} ({error})")
+}
+
+/// Checks the chain as [`WebPkiServerVerifier`] does, and forgives only a wrong name.
+/// webpki checks the chain (and revocation) before the name, so a name error means the
+/// chain was good; every other error stands.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// The certificates of a PEM file: at least one, else an error naming the file.
@@ -176,5 +313,6 @@ mod tests {
     #[test]
     fn mozillas_roots_are_always_trusted() {
         assert!(roots().unwrap().len() >= webpki_roots::TLS_SERVER_ROOTS.len());
+        assert!(root_certificates().unwrap().len() >= webpki_root_certs::TLS_SERVER_ROOT_CERTS.len());
     }
 }

@@ -33,6 +33,11 @@ pub enum Error {
     /// The store cannot be reached or refused the operation; the caller fails closed.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store's TLS handshake failed: its certificate is not trusted or does not name
+    /// the host, or it does not speak TLS where the URL demands it. Not an outage: no
+    /// retry fixes it, so start-up stops and says why.
+    #[error("store refused over TLS: {0}")]
+    Tls(String),
     /// A stored row could not be read back.
     #[error("store holds an unreadable record: {0}")]
     Corrupt(String),

@@ -19,6 +19,8 @@ mod replay;
 mod runner;
 mod security;
 mod shared_stores;
+mod store_servers;
+mod store_tls;
 mod support;
 mod tenants;
 mod tls;

@@ -111,14 +111,16 @@ mod row;
 mod schema;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, WeakPool};
+use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::memory::page;
 use super::touch::{Touch, TouchBuffer, spawn_flusher};
@@ -205,6 +207,22 @@ impl PurgeCursor {
     }
 }
 
+/// What a client other than the store needs to connect to the server `url` names (the
+/// runner's PostgreSQL source, for one): the driver's configuration and the TLS connector,
+/// with `sslmode` and `sslrootcert` meaning what they mean for the store (module
+/// `tls`). idem's own parameters (`schema`, `pool_size`) are accepted and ignored.
+pub fn connection(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), Error> {
+    let options = Options::parse(url).map_err(|reason| Error::BadUrl { url: options::redact(url), reason })?;
+    let connector = tls::connector(&options.tls, &options::redact(url))?;
+    Ok((options.pg, connector))
+}
+
+/// Why a connection made with [`connection`] failed, when TLS is the reason: a rejected
+/// certificate or a server without TLS (not an outage: no retry fixes it).
+pub fn tls_failure(error: &tokio_postgres::Error) -> Option<String> {
+    tls::failure(error)
+}
+
 impl PostgresStore {
     /// Opens the store `url` names. Tries once: the caller decides whether to retry an
     /// [`Error::Unavailable`].
@@ -214,7 +232,7 @@ impl PostgresStore {
         let target: Arc<str> = Arc::from(options.target.as_str());
         let manager = Manager::from_config(
             options.pg.clone(),
-            NoTls,
+            tls::connector(&options.tls, &options::redact(url))?,
             // `Fast` only checks that the connection is still open: a health query on every
             // checkout would double the round trips of every operation.
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
@@ -633,6 +651,9 @@ impl Statements {
 /// A driver error as a readable reason. A server error keeps its severity, message and
 /// SQLSTATE but not its DETAIL, which can quote a row (and so a stored body).
 fn db_error(target: &str, e: &tokio_postgres::Error) -> Error {
+    if let Some(reason) = tls::failure(e) {
+        return Error::Tls(format!("PostgreSQL at {target}: {reason}"));
+    }
     let reason = match e.as_db_error() {
         Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
         None => {

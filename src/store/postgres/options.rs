@@ -1,10 +1,12 @@
-//! The `postgres://` store URL: idem's own parameters (`schema`, `pool_size`) are taken
-//! out, the rest is handed to `tokio_postgres::Config`, and defaults fill what the URL
-//! leaves unsaid (connect timeout, keepalives, application name).
+//! The `postgres://` store URL: idem's own parameters (`schema`, `pool_size`) and the TLS
+//! ones tokio-postgres does not know in full (`sslmode`, `sslrootcert`; see [`super::tls`])
+//! are taken out, the rest is handed to `tokio_postgres::Config`, and defaults fill what
+//! the URL leaves unsaid (connect timeout, keepalives, application name).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio_postgres::config::{Host, SslMode, SslNegotiation};
+use tokio_postgres::config::{Host, SslMode as PgSslMode, SslNegotiation};
 
 /// The schema used when the URL names none.
 pub const DEFAULT_SCHEMA: &str = "idem";
@@ -33,6 +35,34 @@ pub struct Options {
     pub pool_size: usize,
     /// `host:port/dbname`, for messages: never the password.
     pub target: String,
+    /// How the connection is encrypted and what of the server's certificate is checked.
+    pub tls: Tls,
+}
+
+/// libpq's `sslmode`: all five modes (tokio-postgres itself knows only the first three).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plaintext; no TLS is asked for.
+    Disable,
+    /// TLS if the server offers it, plaintext otherwise (the default).
+    Prefer,
+    /// TLS or no connection; the chain is checked, the name is not (stricter than libpq,
+    /// which checks nothing in this mode unless it finds a root certificate file).
+    Require,
+    /// TLS or no connection; the chain is checked, the name is not.
+    VerifyCa,
+    /// TLS or no connection; the chain and the host name are checked.
+    VerifyFull,
+}
+
+/// The TLS part of a store URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    /// `sslmode`.
+    pub mode: SslMode,
+    /// `sslrootcert`: the CA file this connection trusts instead of the usual roots
+    /// (`None`: the roots of [`crate::tls`], which is also what `sslrootcert=system` says).
+    pub root: Option<PathBuf>,
 }
 
 impl Options {
@@ -45,17 +75,32 @@ impl Options {
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut schema = None;
         let mut pool_size = None;
+        let mut mode = None;
+        let mut root = None;
         let mut passed = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             match name {
                 "schema" => set_once(&mut schema, name, parse_schema(value)?)?,
                 "pool_size" => set_once(&mut pool_size, name, parse_pool_size(value)?)?,
+                "sslmode" => set_once(&mut mode, name, parse_ssl_mode(value)?)?,
+                "sslrootcert" => set_once(&mut root, name, decode(name, value)?)?,
+                "sslcert" | "sslkey" | "sslpassword" => {
+                    return Err(format!(
+                        "`{name}`: client certificates are not supported; authenticate with a password"
+                    ));
+                }
                 _ => passed.push(pair),
             }
         }
+        let tls = tls_options(mode, root)?;
         let pg_url = if passed.is_empty() { base.to_owned() } else { format!("{base}?{}", passed.join("&")) };
         let mut pg: tokio_postgres::Config = pg_url.parse().map_err(|e: tokio_postgres::Error| describe_parse(&e))?;
+        pg.ssl_mode(match tls.mode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
+        });
         check_connectable(&pg)?;
         let given = |option: &str| passed.iter().any(|p| p.split('=').next() == Some(option));
         fill_defaults(&mut pg, given);
@@ -65,6 +110,7 @@ impl Options {
             schema: schema.unwrap_or_else(|| DEFAULT_SCHEMA.to_owned()),
             pool_size: pool_size.unwrap_or(DEFAULT_POOL_SIZE),
             target,
+            tls,
         })
     }
 
@@ -81,6 +127,44 @@ fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), String>
     match slot.replace(value) {
         None => Ok(()),
         Some(_) => Err(format!("`{name}` is given twice")),
+    }
+}
+
+fn parse_ssl_mode(value: &str) -> Result<SslMode, String> {
+    match value {
+        "disable" => Ok(SslMode::Disable),
+        "prefer" => Ok(SslMode::Prefer),
+        "require" => Ok(SslMode::Require),
+        "verify-ca" => Ok(SslMode::VerifyCa),
+        "verify-full" => Ok(SslMode::VerifyFull),
+        // libpq's `allow` tries plaintext first and TLS only if that is refused: never
+        // more secure than `prefer`, and easily less; offering it would only invite it.
+        "allow" => Err("`sslmode=allow` is not supported: use prefer, require, verify-ca or verify-full".into()),
+        other => Err(format!("`sslmode={other}`: expected disable, prefer, require, verify-ca or verify-full")),
+    }
+}
+
+/// A value as the URL spells it, percent-decoded (a path may hold `%2F` or spaces).
+fn decode(name: &str, value: &str) -> Result<String, String> {
+    let decoded = percent_encoding::percent_decode_str(value)
+        .decode_utf8()
+        .map_err(|_| format!("`{name}` is not UTF-8 once percent-decoded"))?;
+    if decoded.is_empty() {
+        return Err(format!("`{name}=` names no file"));
+    }
+    Ok(decoded.into_owned())
+}
+
+/// `sslmode` defaults to `prefer`, as in libpq; `sslrootcert=system` (libpq 16) means the
+/// usual roots and, as there, defaults to `verify-full` and refuses anything weaker, since
+/// a "system" root that nobody checks the name against would trust any public certificate.
+fn tls_options(mode: Option<SslMode>, root: Option<String>) -> Result<Tls, String> {
+    match root.as_deref() {
+        Some("system") => match mode.unwrap_or(SslMode::VerifyFull) {
+            SslMode::VerifyFull => Ok(Tls { mode: SslMode::VerifyFull, root: None }),
+            _ => Err("`sslrootcert=system` needs sslmode=verify-full (or no sslmode)".into()),
+        },
+        _ => Ok(Tls { mode: mode.unwrap_or(SslMode::Prefer), root: root.map(PathBuf::from) }),
     }
 }
 
@@ -125,11 +209,10 @@ fn check_connectable(pg: &tokio_postgres::Config) -> Result<(), String> {
     if pg.get_user().is_none() {
         return Err("no user; write postgres://USER@HOST:PORT/DBNAME".into());
     }
-    // This build carries no TLS implementation (no TLS crate is linked in).
-    if pg.get_ssl_mode() == SslMode::Require || pg.get_ssl_negotiation() == SslNegotiation::Direct {
-        return Err(
-            "this build of idem connects without TLS: use sslmode=disable or prefer (or a local TLS proxy)".into()
-        );
+    // As in libpq: a direct TLS handshake (no SSLRequest first) has no plaintext to fall
+    // back to, so it needs a mode that insists on TLS.
+    if pg.get_ssl_negotiation() == SslNegotiation::Direct && pg.get_ssl_mode() != PgSslMode::Require {
+        return Err("`sslnegotiation=direct` needs sslmode=require, verify-ca or verify-full".into());
     }
     Ok(())
 }
@@ -174,7 +257,8 @@ mod tests {
             Options::parse("postgres://root@db.example:6543/app?schema=idem_1&pool_size=4&sslmode=disable").unwrap();
         assert_eq!((o.schema.as_str(), o.pool_size), ("idem_1", 4));
         assert_eq!(o.target, "db.example:6543/app");
-        assert_eq!(o.pg.get_ssl_mode(), SslMode::Disable);
+        assert_eq!(o.pg.get_ssl_mode(), PgSslMode::Disable);
+        assert_eq!(o.tls, Tls { mode: SslMode::Disable, root: None });
         assert_eq!(o.pg.get_application_name(), Some("idem"));
         assert_eq!(o.pg.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
     }
@@ -187,6 +271,26 @@ mod tests {
         assert_eq!(o.pg.get_application_name(), Some("me"));
         assert_eq!(o.pg.get_keepalives_idle(), Duration::from_secs(7));
         assert_eq!(o.target, "h:5432/d");
+    }
+
+    #[test]
+    fn sslmode_has_libpqs_five_modes_and_prefer_is_the_default() {
+        let tls = |url: &str| {
+            let o = Options::parse(url).unwrap();
+            (o.tls.mode, o.pg.get_ssl_mode(), o.tls.root.map(|p| p.display().to_string()))
+        };
+        assert_eq!(tls("postgres://u@h/d"), (SslMode::Prefer, PgSslMode::Prefer, None));
+        assert_eq!(tls("postgres://u@h/d?sslmode=disable"), (SslMode::Disable, PgSslMode::Disable, None));
+        assert_eq!(tls("postgres://u@h/d?sslmode=prefer"), (SslMode::Prefer, PgSslMode::Prefer, None));
+        assert_eq!(tls("postgres://u@h/d?sslmode=require"), (SslMode::Require, PgSslMode::Require, None));
+        assert_eq!(tls("postgres://u@h/d?sslmode=verify-ca"), (SslMode::VerifyCa, PgSslMode::Require, None));
+        assert_eq!(
+            tls("postgres://u@h/d?sslmode=verify-full&sslrootcert=/etc/ssl/db%20ca.pem"),
+            (SslMode::VerifyFull, PgSslMode::Require, Some("/etc/ssl/db ca.pem".into()))
+        );
+        assert_eq!(tls("postgres://u@h/d?sslrootcert=system"), (SslMode::VerifyFull, PgSslMode::Require, None));
+        let direct = Options::parse("postgres://u@h/d?sslmode=verify-full&sslnegotiation=direct").unwrap();
+        assert_eq!(direct.pg.get_ssl_negotiation(), SslNegotiation::Direct);
     }
 
     #[test]
@@ -208,7 +312,13 @@ mod tests {
             ("postgres://u@h/d?pool_size=many", "pool_size=many"),
             ("postgres://u@h/d?bogus=1", "bogus"),
             ("postgres://u@h:port/d", "port"),
-            ("postgres://u@h/d?sslmode=require", "TLS"),
+            ("postgres://u@h/d?sslmode=verify", "sslmode=verify"),
+            ("postgres://u@h/d?sslmode=allow", "not supported"),
+            ("postgres://u@h/d?sslmode=require&sslmode=disable", "`sslmode` is given twice"),
+            ("postgres://u@h/d?sslrootcert=", "names no file"),
+            ("postgres://u@h/d?sslrootcert=system&sslmode=require", "verify-full"),
+            ("postgres://u@h/d?sslcert=c.pem", "client certificates"),
+            ("postgres://u@h/d?sslnegotiation=direct", "sslnegotiation=direct"),
             ("postgres:///d", "no host"),
             ("postgres://h/d", "no user"),
             ("mysql://u@h/d", "postgres://"),

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::core::{Decision, OnUnknown};
+use tokio_postgres::NoTls;
 
 const URL_VAR: &str = "IDEM_TEST_POSTGRES_URL";
 const DEFAULT_URL: &str = "postgres://root@127.0.0.1:5432/test";

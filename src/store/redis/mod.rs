@@ -67,6 +67,16 @@
 //! everything, so a cluster adds no capacity for idem. This build connects to a single
 //! Redis (or a primary behind a proxy); the cluster client is not compiled in.
 //!
+//! # TLS
+//!
+//! `rediss://` connects over TLS (rustls, the ring provider), verifying the chain and the
+//! host name against the roots of [`crate::tls`]: Mozilla's, the platform's and the PEM
+//! bundle in `SSL_CERT_FILE`, so a private CA is trusted by pointing `SSL_CERT_FILE` at
+//! it. The redis crate's `#insecure` is refused as bad input. A certificate that fails
+//! verification is [`Error::Tls`]: not an outage, so start-up stops instead of waiting.
+//! The crate builds its rustls configuration with the process's default provider, which
+//! is ring, the only one linked in.
+//!
 //! # Outages
 //!
 //! A [`ConnectionManager`] reconnects by itself: after Redis goes away and comes back,
@@ -82,6 +92,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ScriptInvocation, Value};
+use rustls::pki_types::CertificateDer;
 
 use super::memory::{matches, page};
 use super::touch::{Touch, TouchBuffer, spawn_flusher};
@@ -91,6 +102,7 @@ use crate::core::{
     resolve,
 };
 use codec::{Keys, SCHEMA_VERSION, Stored, member, parse_member};
+use target::Trust;
 
 mod codec;
 mod scripts;
@@ -110,6 +122,21 @@ const MAX_ATTEMPTS: usize = 32;
 const SCAN_BATCH: usize = 1000;
 /// Records per TOUCH call, so a flush never holds Redis for long.
 const TOUCH_CHUNK: usize = 256;
+
+/// Why connecting failed: a TLS handshake that failed is the configuration's fault (an
+/// untrusted certificate, another host's name), not an outage to wait out.
+fn connect_error(addr: &str, e: &redis::RedisError) -> Error {
+    match crate::tls::handshake_error(e) {
+        Some(handshake) => {
+            let mut reason = crate::tls::describe(handshake);
+            if matches!(handshake, rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) {
+                reason.push_str("; trust the server's CA with SSL_CERT_FILE");
+            }
+            Error::Tls(format!("Redis at {addr}: {reason}"))
+        }
+        None => Error::Unavailable(format!("cannot connect to Redis at {addr}: {e}")),
+    }
+}
 
 /// Opens a `redis://[[user]:password@]host[:port][/db][?prefix=NAME]` store. Tries once.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
@@ -153,7 +180,18 @@ impl RedisStore {
     /// Connects (once), checks the prefix's layout version, loads the scripts and starts
     /// the replay-count flusher.
     pub async fn connect(url: &str) -> Result<Self, Error> {
-        let target = target::parse(url)?;
+        Self::connect_with(url, Trust::Default).await
+    }
+
+    /// [`RedisStore::connect`], but a `rediss://` connection trusts only the CA
+    /// certificates `roots`, not the usual roots (for a private CA named in code rather
+    /// than through `SSL_CERT_FILE`; tests use it). The host name is verified all the same.
+    pub async fn connect_trusting(url: &str, roots: &[CertificateDer<'static>]) -> Result<Self, Error> {
+        Self::connect_with(url, Trust::Only(roots)).await
+    }
+
+    async fn connect_with(url: &str, trust: Trust<'_>) -> Result<Self, Error> {
+        let target = target::parse(url, trust)?;
         // No reconnect retries inside a request: one attempt, bounded by the connection
         // timeout, then the error; the next request tries again.
         let config = ConnectionManagerConfig::new()
@@ -166,7 +204,7 @@ impl RedisStore {
                 .await
             {
                 Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => return Err(Error::Unavailable(format!("cannot connect to Redis at {addr}: {e}"))),
+                Ok(Err(e)) => return Err(connect_error(&addr, &e)),
                 Err(_) => return Err(Error::Unavailable(format!("Redis at {addr} did not answer in time"))),
             };
         let store =

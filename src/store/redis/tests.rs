@@ -102,7 +102,9 @@ async fn pttl(store: &RedisStore, key: &str) -> i64 {
 
 #[tokio::test]
 async fn bad_urls_are_refused_before_connecting() {
-    for url in ["redis://127.0.0.1:6379?prefx=a", "redis://127.0.0.1:6379/zero", "redis//127.0.0.1", "rediss://h"] {
+    for url in
+        ["redis://127.0.0.1:6379?prefx=a", "redis://127.0.0.1:6379/zero", "redis//127.0.0.1", "rediss://h/0#insecure"]
+    {
         let err = open(url).await.err();
         assert!(matches!(err, Some(Error::BadUrl { .. })), "{url}: {err:?}");
     }

@@ -447,6 +447,25 @@ mod tests {
     }
 
     #[test]
+    fn broker_urls_over_tls_are_accepted_and_other_schemes_are_not() {
+        let nats = |url: &str| parse(&NATS.replace("nats://127.0.0.1:4222", url));
+        for url in ["nats://127.0.0.1:4222", "tls://nats.example.com:4222", "tls://user:secret@10.0.0.5:4222"] {
+            assert!(matches!(nats(url).map(|c| c.broker), Ok(Broker::Nats { url: u, .. }) if u == url), "{url}");
+        }
+        let refused = nats("https://nats.example.com").expect_err("not a NATS scheme").0.join("\n");
+        assert!(refused.contains("source.nats.url: the scheme must be one of nats, tls"), "{refused}");
+        let rabbit = |url: &str| {
+            let source = format!("rabbitmq = {{ url = \"{url}\", queue = \"q\" }}");
+            parse(&NATS.replace("nats = {", "# nats = {").replace("[source]", &format!("[source]\n{source}")))
+        };
+        for url in ["amqp://guest:guest@127.0.0.1:5672/%2f", "amqps://app:secret@mq.example.com:5671/orders"] {
+            assert!(matches!(rabbit(url).map(|c| c.broker), Ok(Broker::Rabbit { url: u, .. }) if u == url), "{url}");
+        }
+        let refused = rabbit("http://mq.example.com").expect_err("not an AMQP scheme").0.join("\n");
+        assert!(refused.contains("source.rabbitmq.url: the scheme must be one of amqp, amqps"), "{refused}");
+    }
+
+    #[test]
     fn the_example_consumer_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/orders-consumer.toml");
         let consumer = load(&path, &|_| None).expect("examples/ holds a valid consumer");

@@ -2,6 +2,10 @@
 //! the consumer are created when missing; a retryable failure is a `nak` with a delay; a
 //! poison message is terminated (`term`: never redelivered; the stream keeps it under its
 //! own limits).
+//!
+//! TLS: `tls://host:port`, or a `nats://` server that requires it, is verified against the
+//! roots of [`crate::tls`] (a private CA through `SSL_CERT_FILE`). A handshake that fails
+//! is a connection that failed: logged with its reason and tried again with backoff.
 
 use std::time::Duration;
 
@@ -56,11 +60,17 @@ async fn consume(
     closing: &CancellationToken,
     pause: &mut Backoff,
 ) -> Result<(), String> {
+    // TLS is used when the URL says `tls://` or the server's INFO requires it, and then it
+    // is verified against the one set of roots (`tls`), so `SSL_CERT_FILE` names a private
+    // CA here as for every other client.
+    let tls = crate::tls::client_config().map_err(|e| format!("TLS: {e}"))?;
+    let url = crate::store::redact(&source.url);
     let client = async_nats::ConnectOptions::new()
         .name(format!("idem consume {subscriber}"))
+        .tls_client_config(tls.as_ref().clone())
         .connect(source.url.as_str())
         .await
-        .map_err(|e| format!("cannot connect to {}: {e}", source.url))?;
+        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
     let js = jetstream::new(client.clone());
     let stream = js
         .get_or_create_stream(stream::Config {

@@ -3,12 +3,17 @@
 //! `nack`, so the message keeps its prefetch slot while it waits); a poison message is
 //! rejected without requeueing, which dead-letters it when the queue has a dead-letter
 //! exchange.
+//!
+//! TLS: an `amqps://` URL is verified against the roots of [`crate::tls`] (a private CA
+//! through `SSL_CERT_FILE`), the same as every other client of idem.
 
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::tcp::{HandshakeResult, RustlsConnector, TcpStream};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -67,11 +72,41 @@ pub async fn feed(source: Rabbit, subscriber: String, messages: mpsc::Sender<Inb
     }
 }
 
+// `HandshakeResult` is the type lapin's connector takes; its size is lapin's choice.
+#[allow(clippy::result_large_err)]
 async fn connect(url: &str) -> Result<Connection, String> {
+    let uri: AMQPUri = url.parse().map_err(|e| format!("not an AMQP URL: {e}"))?;
+    let tls = tls_connector().map_err(|e| format!("TLS: {e}"))?;
     let properties = ConnectionProperties::default()
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio::current());
-    Connection::connect(url, properties).await.map_err(|e| format!("cannot connect: {e}"))
+    let open = Box::new(move |uri: &AMQPUri| open_stream(uri, &tls));
+    Connection::connector(uri, open, properties).await.map_err(|e| format!("cannot connect: {e}"))
+}
+
+/// The TLS connector of `amqps://`: the one client configuration of [`crate::tls`]. lapin's
+/// own would trust only the platform's store, and build its config with whatever crypto
+/// provider happens to be the process default.
+fn tls_connector() -> Result<RustlsConnector, crate::tls::Error> {
+    Ok(RustlsConnector::from(crate::tls::client_config()?))
+}
+
+/// The socket of one connection attempt, as lapin's default opens it (the URL's
+/// `connection_timeout`, TLS for `amqps`) but with idem's TLS. It runs on lapin's blocking
+/// connect path, so the handshake completes before the socket turns non-blocking.
+#[allow(clippy::result_large_err)] // lapin's type, as on `connect`.
+fn open_stream(uri: &AMQPUri, tls: &RustlsConnector) -> HandshakeResult {
+    let address = (uri.authority.host.as_str(), uri.authority.port);
+    let stream = match uri.query.connection_timeout {
+        Some(timeout) => TcpStream::connect_timeout(address, Duration::from_millis(timeout)),
+        None => TcpStream::connect(address),
+    }?;
+    let stream = match uri.scheme {
+        AMQPScheme::AMQP => stream,
+        AMQPScheme::AMQPS => stream.into_rustls(tls, &uri.authority.host)?,
+    };
+    stream.set_nonblocking(true)?;
+    Ok(stream)
 }
 
 /// Declares the queue when missing. A passive declaration first: a queue that exists is used

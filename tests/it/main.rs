@@ -5,6 +5,7 @@
 mod admin;
 mod architecture;
 mod bad_input;
+mod broker_tls;
 mod consumer;
 mod crash;
 mod decision;

@@ -768,3 +768,131 @@ impl Certificate {
         &self.key
     }
 }
+
+/// A port nothing listens on right now (see [`closed_port_url`]), for a server the test starts.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("an address").port()
+}
+
+/// Waits (polling) until something accepts TCP connections on `127.0.0.1:port`, or `child`
+/// exits (the server could not start: its log says why).
+pub async fn wait_for_port(port: u16, child: &mut Child, log: &Path) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("the server exited ({status}) before it listened on {port}:\n{}", read(log));
+        }
+        assert!(Instant::now() < deadline, "nothing listens on {port} after {READY_TIMEOUT:?}:\n{}", read(log));
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A private `nats-server` with JetStream that accepts TLS connections only, on a free
+/// port, with `certificate`; stopped when dropped.
+pub struct NatsTls {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl NatsTls {
+    /// Starts it; a machine without `nats-server` fails the test (CI installs it).
+    pub async fn start(certificate: &Certificate) -> NatsTls {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let port = free_port();
+        let log = dir.path().join("nats.log");
+        let mut child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--tls", "--tlscert", certificate.chain_path()])
+            .args(["--tlskey", certificate.key_path(), "-js", "-sd"])
+            .arg(dir.path().join("jetstream"))
+            .stdin(Stdio::null())
+            .stdout(File::create(&log).expect("a log file"))
+            .stderr(Stdio::from(File::options().append(true).open(&log).expect("the log file")))
+            .spawn()
+            .expect("nats-server must be installed (e.g. /usr/sbin/nats-server) to test NATS over TLS");
+        wait_for_port(port, &mut child, &log).await;
+        NatsTls { child, port, _dir: dir }
+    }
+
+    /// Its port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for NatsTls {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private RabbitMQ node (its own name, ports, database and logs in a temp dir) that
+/// accepts `amqps://` only, with `certificate`; killed with its process group when dropped.
+/// It runs beside the machine's own node, sharing only its `epmd`.
+pub struct RabbitTls {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl RabbitTls {
+    /// Starts it and waits for its TLS listener (a RabbitMQ node takes seconds to boot).
+    pub async fn start(certificate: &Certificate) -> RabbitTls {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (port, dist_port) = (free_port(), free_port());
+        let config = format!(
+            "listeners.tcp = none\nlisteners.ssl.default = 127.0.0.1:{port}\nssl_options.certfile = {}\n\
+             ssl_options.keyfile = {}\nssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n",
+            certificate.chain_path(),
+            certificate.key_path()
+        );
+        let path = |name: &str| dir.path().join(name);
+        std::fs::write(path("rabbitmq.conf"), config).expect("the node's config is written");
+        std::fs::write(path("enabled_plugins"), "[].\n").expect("no plugins");
+        let log = path("server.log");
+        let mut child = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server")
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/bin")
+            .env("HOME", dir.path())
+            .env("RABBITMQ_NODENAME", format!("idem-it-{}@localhost", unique_suffix()))
+            .env("RABBITMQ_NODE_PORT", free_port().to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", path("mnesia"))
+            .env("RABBITMQ_LOG_BASE", path("log"))
+            .env("RABBITMQ_CONFIG_FILE", path("rabbitmq.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", path("enabled_plugins"))
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(File::create(&log).expect("a log file"))
+            .stderr(Stdio::from(File::options().append(true).open(&log).expect("the log file")))
+            .spawn()
+            .expect("rabbitmq-server must be installed (/usr/lib/rabbitmq/bin) to test amqps://");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!("rabbitmq-server exited ({status}) before it listened:\n{}", read(&log));
+            }
+            assert!(Instant::now() < deadline, "rabbitmq-server did not listen on {port}:\n{}", read(&log));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        RabbitTls { child, port, _dir: dir }
+    }
+
+    /// Its TLS port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for RabbitTls {
+    fn drop(&mut self) {
+        // The script starts the Erlang VM as a child: the whole group goes.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.child.wait();
+    }
+}

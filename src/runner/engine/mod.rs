@@ -99,6 +99,9 @@ pub enum Error {
     /// The HTTP client cannot be built.
     #[error("cannot start the HTTP client: {0}")]
     Client(String),
+    /// The TLS configuration cannot be used (`SSL_CERT_FILE`).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
 }
 
 /// What `idem` exits with: a source that cannot be read as written and a report file that
@@ -110,6 +113,8 @@ impl From<Error> for crate::host::Error {
             Error::Store(e) => e.is_bad_input(),
             Error::Report { .. } => true,
             Error::Client(_) => false,
+            // Only a file the user named (`SSL_CERT_FILE`) can make it unusable.
+            Error::Tls(_) => true,
         };
         if bad_input { Self::BadInput(error.into()) } else { Self::Failed(error.into()) }
     }
@@ -181,7 +186,14 @@ impl Engine {
         keys: Keys,
         attempts: Attempts,
     ) -> Result<Self, Error> {
+        // The one TLS configuration (`tls`), so `SSL_CERT_FILE` means for a step's endpoint
+        // what it means for the gateway's upstream; reqwest's own roots would differ. A
+        // preconfigured config is used as given, so ALPN is offered here as reqwest offers it
+        // for a config it builds (HTTP/2 where the endpoint agrees).
+        let mut tls = crate::tls::client_config()?.as_ref().clone();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
             .pool_idle_timeout(Duration::from_secs(30))
             .user_agent(concat!("idem/", env!("CARGO_PKG_VERSION")))
             .build()

@@ -225,7 +225,7 @@ pub struct Handler {
 
 impl Handler {
     /// The handler of `consumer`'s messages on `store`.
-    pub fn new(consumer: &Consumer, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+    pub fn new(consumer: &Consumer, store: Arc<dyn Store>) -> Result<Self, Error> {
         let (name, keys) = if consumer.from_flow {
             (format!("consumer:{}", consumer.subscriber), Keys::Flow)
         } else {

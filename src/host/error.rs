@@ -49,12 +49,14 @@ impl From<store::Error> for Error {
     }
 }
 
-/// An error from deeper down is bad input when a store URL or encryption key is behind it,
-/// a failure otherwise.
+/// An error from deeper down is bad input when a store URL, an encryption key or a TLS
+/// configuration (an unreadable `SSL_CERT_FILE`) is behind it, a failure otherwise.
 impl From<anyhow::Error> for Error {
     fn from(error: anyhow::Error) -> Self {
-        let bad_input =
-            error.chain().any(|cause| cause.downcast_ref::<store::Error>().is_some_and(store::Error::is_bad_input));
+        let bad_input = error.chain().any(|cause| {
+            cause.downcast_ref::<store::Error>().is_some_and(store::Error::is_bad_input)
+                || cause.downcast_ref::<crate::tls::Error>().is_some()
+        });
         if bad_input { Error::BadInput(error) } else { Error::Failed(error) }
     }
 }

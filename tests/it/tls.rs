@@ -70,6 +70,28 @@ async fn a_certificate_for_another_host_is_refused() {
     assert_eq!(upstream.calls().await, 0, "nothing reached the upstream");
 }
 
+/// `idem run` and `idem consume` agree with the gateway: an unusable `SSL_CERT_FILE` is bad input.
+#[test]
+fn an_unreadable_ssl_cert_file_is_bad_input_for_the_runner_and_the_consumer() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let store = format!("sqlite://{}", dir.path().join("idem.db").display());
+    let step = "[[steps]]\nname = \"export\"\nurl = \"https://127.0.0.1:9/x\"\n";
+    let flow = dir.path().join("flow.toml");
+    let source = "[source]\njsonl = \"-\"\nprimary_key = [\"id\"]\n";
+    std::fs::write(&flow, format!("flow = \"f\"\nstore = \"{store}\"\n{source}{step}")).unwrap();
+    let consumer = dir.path().join("consumer.toml");
+    let nats = "nats = { url = \"nats://127.0.0.1:9\", stream = \"S\", subject = \"s.>\", durable = \"s\" }";
+    let deliver = "[deliver]\nmethod = \"POST\"\nurl = \"https://127.0.0.1:9/x\"\n";
+    std::fs::write(&consumer, format!("subscriber = \"s\"\nstore = \"{store}\"\n[source]\n{nats}\n{deliver}")).unwrap();
+    for args in [["run", flow.to_str().unwrap()], ["consume", consumer.to_str().unwrap()]] {
+        let output =
+            crate::support::idem().args(args).env("SSL_CERT_FILE", "/nonexistent/ca.pem").output().expect("idem runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "idem {args:?}: {stderr}");
+        assert!(stderr.contains("/nonexistent/ca.pem"), "idem {args:?}: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn an_unreadable_ssl_cert_file_is_bad_input() {
     let (status, stderr) =

@@ -67,7 +67,7 @@ pub enum Source {
     /// The rows of a query. Columns become fields under their names (use `AS` to rename); the
     /// query runs in a read-only transaction, because a source reads and never writes.
     Postgres {
-        /// A `postgres://` or `postgresql://` URL. TLS is not supported.
+        /// A `postgres://` or `postgresql://` URL; TLS as for a store URL (`sslmode`, `sslrootcert`).
         url: String,
         /// The query, e.g. `SELECT order_id, amount::text AS amount FROM orders WHERE paid`.
         query: String,

@@ -75,19 +75,26 @@ async fn connect(url: &str, redacted: &str) -> Result<tokio_postgres::Client, Er
         let reason = "expected a postgres:// URL".to_owned();
         return Err(Error::BadUrl { url: redacted.to_owned(), reason });
     }
-    let mut config: tokio_postgres::Config =
-        url.parse().map_err(|error| Error::BadUrl { url: redacted.to_owned(), reason: pg_message(&error) })?;
+    // The store's URL rules and TLS (sslmode, sslrootcert), so a source URL means what a
+    // store URL means.
+    let (mut config, tls) = crate::store::postgres::connection(url)
+        .map_err(|error| Error::BadUrl { url: redacted.to_owned(), reason: error.to_string() })?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
     if config.get_application_name().is_none() {
         config.application_name("idem run");
     }
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|error| Error::Connect {
-        url: redacted.to_owned(),
-        message: pg_message(&error),
-        transient: is_transient(&error),
-    })?;
+    let (client, connection) =
+        config.connect(tls).await.map_err(|error| match crate::store::postgres::tls_failure(&error) {
+            // A certificate that fails verification is not an outage: no retry fixes it.
+            Some(reason) => Error::Connect { url: redacted.to_owned(), message: reason, transient: false },
+            None => Error::Connect {
+                url: redacted.to_owned(),
+                message: pg_message(&error),
+                transient: is_transient(&error),
+            },
+        })?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "PostgreSQL source connection ended with an error");

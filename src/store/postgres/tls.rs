@@ -26,12 +26,7 @@
 //! SCRAM's channel binding still ties a password login to the certificate the client saw.
 //! Use `verify-full` for any server across a network you do not control.
 
-use std::sync::Arc;
-
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{CertificateError, ClientConfig, RootCertStore};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::options::{SslMode, Tls};
@@ -49,7 +44,7 @@ pub fn connector(options: &Tls, url: &str) -> Result<MakeRustlsConnect, Error> {
     let config = match (options.mode, root) {
         // Never used; trusting nothing keeps even a bad SSL_CERT_FILE out of the way.
         (SslMode::Disable, _) => tls::client_config_with(RootCertStore::empty(), Check::ChainAndName),
-        (SslMode::Prefer, None) => Ok(unauthenticated()),
+        (SslMode::Prefer, None) => Ok(tls::encryption_only_client_config()),
         (SslMode::VerifyFull, None) => tls::client_config(),
         (SslMode::VerifyFull, Some(root)) => tls::client_config_with(root, Check::ChainAndName),
         (SslMode::Prefer | SslMode::Require | SslMode::VerifyCa, Some(root)) => {
@@ -72,58 +67,6 @@ fn read_root(path: &std::path::Path) -> Result<RootCertStore, String> {
         return Err(format!("sslrootcert: {}: none of its {refused} certificates is usable as a CA", path.display()));
     }
     Ok(roots)
-}
-
-/// `prefer` without a root: encryption without authentication (see the module docs).
-fn unauthenticated() -> Arc<ClientConfig> {
-    let provider = tls::provider();
-    let config = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("the ring provider supports the default protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Unauthenticated(provider)))
-        .with_no_client_auth();
-    Arc::new(config)
-}
-
-/// Accepts any certificate, but still checks that the server holds its key (the
-/// handshake signatures), so the session is at least bound to the certificate presented.
-#[derive(Debug)]
-struct Unauthenticated(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for Unauthenticated {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// A connection failure that TLS caused, as the reason to give: `None` for anything else.

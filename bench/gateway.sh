@@ -101,8 +101,9 @@
 #   UPSTREAM_TLS_HTTP2=auto  offer h2 on the HTTPS upstream when nginx has http_v2_module
 #                       and `http2 on;` (1.25.1+); 1 offers it on older nginx too (`listen
 #                       … http2`); 0 never (HTTP/1.1 only, what the nginx proxy speaks anyway).
-#                       nginx before 1.29.1 answers 400 ("duplicate host header") to an HTTP/2
-#                       request that has a Host header beside :authority, as idem's does today.
+#                       nginx 1.22 answers 400 ("duplicate host header") to an HTTP/2 request
+#                       with a Host header beside :authority, as idem's has today (nginx
+#                       accepts matching values since nginx/nginx#803, 2025).
 #   IDEM_BIN=path       use this binary and skip the build; SKIP_BUILD=1 skips it too
 #                       (the binary is $CARGO_TARGET_DIR/release/idem, default target/)
 #   BENCH_TMPDIR=dir    where the temporary directory goes (default $TMPDIR or /tmp)
@@ -379,7 +380,7 @@ for name in "${!URL[@]}"; do
     code=$(post "$url" "bench-check-$NONCE-$name")
     if [[ $code == 400 && $name == gw-tls && $TLS_HTTP2 == yes ]]; then
         show_logs "$name"
-        die "$name answered 400: over HTTP/2 it sends Host beside :authority, which nginx before 1.29.1 refuses" \
+        die "$name answered 400: over HTTP/2 it sends Host beside :authority, which older nginx refuses" \
             "(\"duplicate host header\"); UPSTREAM_TLS_HTTP2=0 measures HTTP/1.1"
     fi
     [[ $code == "$EXPECT_STATUS" ]] || { show_logs "$name"; die "$name answered $code to a POST, not $EXPECT_STATUS"; }

@@ -17,6 +17,22 @@
 #              route (POST/PATCH protected by an optional Idempotency-Key), once per
 #              store: sqlite://…/idem.db (durable, synchronous=full, the default),
 #              sqlite://…/idem2.db?synchronous=normal, and memory://
+# and, only for the TLS scenarios (*-tls), with a private CA and a server certificate for
+# localhost and 127.0.0.1 made by openssl in the temporary directory (bench/lib.sh
+# make_test_ca):
+#   upstream-tls the same upstream over HTTPS, 1 worker, HTTP/1.1, and HTTP/2 offered by
+#              ALPN too when nginx has `http2 on;` (1.25.1 and later; UPSTREAM_TLS_HTTP2)
+#              (bench/nginx/upstream-tls.conf.in)
+#   proxy-tls  nginx as a bare keep-alive reverse proxy in front of it, the TLS baseline:
+#              proxy_pass https:// with the chain verified against the CA, name localhost
+#              (and SNI), sessions reused, 64 kept-alive upstream connections, HTTP/1.1
+#              (bench/nginx/proxy-tls.conf.in; PROXY_WORKERS like the proxy)
+#   gw-tls     `idem gateway --upstream https://localhost:PORT` on its own durable SQLite
+#              store (sqlite://…/idem-tls.db), trusting the CA through SSL_CERT_FILE
+#              (rustls, verified; HTTP/2 when the upstream offers it)
+# Clients (wrk) always speak plain HTTP/1.1 to the proxies and gateways: only the hop to
+# the upstream is TLS. The protocol and cipher each TLS hop negotiated are printed (the
+# upstream echoes them in an X-Bench-Upstream header) and recorded in the JSON.
 #
 # Scenarios (SCENARIOS picks and orders them; the default is the first six):
 #   upstream        wrk → upstream
@@ -34,6 +50,14 @@
 #   passthrough     wrk → gateway (sqlite, full) → upstream without an Idempotency-Key:
 #                   the gateway's own cost (body read, fingerprint, proxying) with no
 #                   store call                                             (optional)
+#   upstream-tls    wrk → HTTPS upstream (HTTP/1.1; wrk pays for TLS itself here, so
+#                   this row says more about wrk than about the upstream)  (optional)
+#   proxy-tls       wrk → nginx proxy → HTTPS upstream          (the TLS baseline, optional)
+#   miss-tls        wrk → gateway (sqlite, full) → HTTPS upstream; a new key per request
+#                                                                          (optional)
+#   replay-tls      wrk → gateway (sqlite, full, HTTPS upstream); one key, primed once:
+#                   a replay never reaches the upstream, so this is `replay` with TLS
+#                   configured but unused                                  (optional)
 # Every request is `POST /v1/orders` with a small JSON body, Content-Type
 # application/json, an Idempotency-Key and a unique X-Bench-Seq header, built per
 # request by bench/wrk/post.lua in every scenario so that wrk's own cost is identical in
@@ -42,8 +66,11 @@
 # Load: wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, RUNS rounds. Each round runs
 # every scenario once, in turn, so background noise spreads over all rows alike. A row
 # reports the median req/s, the median p50 and the median p99 over its runs, and its
-# req/s as a ratio to the bare proxy's. Design goals (SPEC/issue): miss path >= 0.8x
-# the bare proxy on the durable SQLite store; replay >= 1.5x. Every gateway run is
+# req/s as a ratio to its baseline's: the *-tls rows to proxy-tls, every other row to
+# proxy (the table's "base" column says which; the JSON also has every row's ratio to
+# proxy, and the TLS rows' ratio to their plaintext twin: the cost of TLS). Design goals
+# (SPEC/issue): miss path >= 0.8x the bare proxy on the durable SQLite store; replay
+# >= 1.5x (no goal for the TLS rows). Every gateway run is
 # cross-checked against the gateway's own idem_requests_total{decision}: a miss run must
 # count only `executed`, a replay run only `replayed`.
 #
@@ -63,18 +90,28 @@
 #   SCENARIOS="proxy miss replay" bench/gateway.sh    # a subset (ratios need "proxy")
 #   SCENARIOS="proxy passthrough miss-memory replay-memory" bench/gateway.sh
 #                                                     # where the time goes, store aside
+#   SCENARIOS="proxy proxy-tls miss miss-tls replay replay-tls" bench/gateway.sh
+#                                                     # the cost of an HTTPS upstream
 #
 # Environment:
 #   DURATION=10s  RUNS=3  CONNECTIONS=64  THREADS=1   wrk settings
 #   WARMUP=1s           one discarded wrk run per scenario before the first round (0 skips)
 #   SCENARIOS="upstream proxy miss replay miss-normal miss-memory"
-#   PROXY_WORKERS=auto  nginx proxy worker_processes
+#   PROXY_WORKERS=auto  nginx proxy worker_processes (proxy and proxy-tls)
+#   UPSTREAM_TLS_HTTP2=auto  offer h2 on the HTTPS upstream when nginx has http_v2_module
+#                       and `http2 on;` (1.25.1+); 1 offers it on older nginx too (`listen
+#                       … http2`); 0 never (HTTP/1.1 only, what the nginx proxy speaks anyway).
+#                       nginx 1.22 answers 400 ("duplicate host header") to an HTTP/2 request
+#                       with a Host header beside :authority, as idem's has today (nginx
+#                       accepts matching values since nginx/nginx#803, 2025).
 #   IDEM_BIN=path       use this binary and skip the build; SKIP_BUILD=1 skips it too
+#                       (the binary is $CARGO_TARGET_DIR/release/idem, default target/)
 #   BENCH_TMPDIR=dir    where the temporary directory goes (default $TMPDIR or /tmp)
 #   KEEP_TMP=1          keep the temporary directory (logs, databases) after the run
 #   OUT_DIR=dir         where the JSON goes (default bench/out, git-ignored)
 #
-# Needs: bash, curl, wrk and nginx (installed with apt-get when missing), cargo.
+# Needs: bash, curl, wrk and nginx (installed with apt-get when missing), cargo; openssl
+# too for the TLS scenarios (installed the same way).
 
 set -euo pipefail
 
@@ -88,6 +125,7 @@ THREADS=${THREADS:-1}
 WARMUP=${WARMUP:-1s}
 SCENARIOS=${SCENARIOS:-"upstream proxy miss replay miss-normal miss-memory"}
 PROXY_WORKERS=${PROXY_WORKERS:-auto}
+UPSTREAM_TLS_HTTP2=${UPSTREAM_TLS_HTTP2:-auto}
 OUT_DIR=${OUT_DIR:-$HERE/out}
 KEEP_TMP=${KEEP_TMP:-0}
 SKIP_BUILD=${SKIP_BUILD:-0}
@@ -110,16 +148,20 @@ source "$HERE/lib.sh"
 ((CONNECTIONS >= THREADS)) || die "CONNECTIONS ($CONNECTIONS) must be at least THREADS ($THREADS)"
 [[ $DURATION =~ ^[0-9]+[smh]?$ ]] || die "DURATION must look like 10s, 2m or 30 (got '$DURATION')"
 [[ $WARMUP =~ ^[0-9]+[smh]?$ ]] || die "WARMUP must look like 1s or 0 (got '$WARMUP')"
+[[ $UPSTREAM_TLS_HTTP2 =~ ^(auto|0|1)$ ]] || die "UPSTREAM_TLS_HTTP2 must be auto, 0 or 1 (got '$UPSTREAM_TLS_HTTP2')"
 
-known_scenarios=" upstream proxy miss replay miss-normal miss-memory replay-normal replay-memory passthrough miss-postgres replay-postgres miss-redis replay-redis "
+known_scenarios=" upstream proxy miss replay miss-normal miss-memory replay-normal replay-memory passthrough miss-postgres replay-postgres miss-redis replay-redis upstream-tls proxy-tls miss-tls replay-tls "
 read -r -a SCENARIO_LIST <<<"$SCENARIOS"
 ((${#SCENARIO_LIST[@]} > 0)) || die "SCENARIOS is empty"
 for s in "${SCENARIO_LIST[@]}"; do
     [[ $known_scenarios == *" $s "* ]] || die "unknown scenario '$s' (known:$known_scenarios)"
 done
 wants() { [[ " ${SCENARIO_LIST[*]} " == *" $1 "* ]]; }
+WANTS_TLS=0
+[[ " ${SCENARIO_LIST[*]} " == *"-tls "* ]] && WANTS_TLS=1
 
 need_packages wrk nginx curl
+((WANTS_TLS)) && need_packages openssl
 NGINX=$(find_nginx)
 [[ -n $NGINX ]] || die "nginx not found after installing it"
 command -v wrk >/dev/null 2>&1 || die "wrk not found after installing it"
@@ -127,11 +169,11 @@ command -v wrk >/dev/null 2>&1 || die "wrk not found after installing it"
 if [[ -n ${IDEM_BIN:-} ]]; then
     [[ -x $IDEM_BIN ]] || die "IDEM_BIN=$IDEM_BIN is not an executable"
 elif [[ $SKIP_BUILD == 1 ]]; then
-    IDEM_BIN=$ROOT/target/release/idem
+    IDEM_BIN=$(cargo_target_dir)/release/idem
     [[ -x $IDEM_BIN ]] || die "SKIP_BUILD=1 but $IDEM_BIN does not exist"
 else
     release_build
-    IDEM_BIN=$ROOT/target/release/idem
+    IDEM_BIN=$(cargo_target_dir)/release/idem
 fi
 
 # ---------------------------------------------------------------- processes and cleanup
@@ -193,13 +235,53 @@ if wants proxy; then
     URL[proxy]=http://127.0.0.1:$PROXY_PORT
 fi
 
-# start_gateway NAME STORE_URL
+# The HTTPS upstream, its CA (trusted by curl, the TLS proxy and the TLS gateway) and the
+# TLS proxy, only when a TLS scenario runs.
+TLS_CA="" TLS_HTTP2=no
+if ((WANTS_TLS)); then
+    make_test_ca "$TMP/tls"
+    TLS_CA=$TMP/tls/ca.pem
+    http2_listen="" http2_directive=""
+    nginx_version=$("$NGINX" -v 2>&1 | sed -n 's#.*nginx/\([0-9][0-9.]*\).*#\1#p')
+    # `http2 on;` exists from nginx 1.25.1 on (and deprecates `listen … http2`).
+    http2_on=0
+    [[ $(printf '%s\n' 1.25.1 "$nginx_version" | sort -V | head -1) == 1.25.1 ]] && http2_on=1
+    if [[ $UPSTREAM_TLS_HTTP2 == 1 || ($UPSTREAM_TLS_HTTP2 == auto && $http2_on == 1) ]]; then
+        "$NGINX" -V 2>&1 | grep -q -- --with-http_v2_module || die "UPSTREAM_TLS_HTTP2=$UPSTREAM_TLS_HTTP2 but this nginx has no http_v2_module"
+        TLS_HTTP2=yes
+        if ((http2_on)); then http2_directive="http2 on;"; else http2_listen=" http2"; fi
+    fi
+    free_port UPSTREAM_TLS_PORT
+    render "$HERE/nginx/upstream-tls.conf.in" "$TMP/upstream-tls.conf" "TMP=$TMP" "PORT=$UPSTREAM_TLS_PORT" \
+        "CERT=$TMP/tls/server.pem" "KEY=$TMP/tls/server.key" "HTTP2_LISTEN=$http2_listen" \
+        "HTTP2_DIRECTIVE=$http2_directive"
+    start upstream-tls "$NGINX" -p "$TMP/" -c "$TMP/upstream-tls.conf" -e "$TMP/upstream-tls.error.log"
+    wait_port upstream-tls "$UPSTREAM_TLS_PORT"
+    # The name the certificate is for: the gateway and the proxy both verify it.
+    UPSTREAM_TLS_URL=https://localhost:$UPSTREAM_TLS_PORT
+    URL[upstream-tls]=$UPSTREAM_TLS_URL
+    log "  HTTPS upstream $UPSTREAM_TLS_URL (nginx $nginx_version; h2 offered by ALPN: $TLS_HTTP2" \
+        "(UPSTREAM_TLS_HTTP2=$UPSTREAM_TLS_HTTP2)), private CA $TLS_CA"
+fi
+
+if wants proxy-tls; then
+    free_port PROXY_TLS_PORT
+    render "$HERE/nginx/proxy-tls.conf.in" "$TMP/proxy-tls.conf" "TMP=$TMP" "PORT=$PROXY_TLS_PORT" \
+        "UPSTREAM_PORT=$UPSTREAM_TLS_PORT" "WORKERS=$PROXY_WORKERS" "CA=$TLS_CA"
+    start proxy-tls "$NGINX" -p "$TMP/" -c "$TMP/proxy-tls.conf" -e "$TMP/proxy-tls.error.log"
+    wait_port proxy-tls "$PROXY_TLS_PORT"
+    URL[proxy-tls]=http://127.0.0.1:$PROXY_TLS_PORT
+fi
+
+# start_gateway NAME STORE_URL [UPSTREAM_URL]: the upstream by default the plaintext one;
+# an https:// one is trusted through SSL_CERT_FILE (the test CA).
 start_gateway() {
-    local name=$1 store=$2 port admin
+    local name=$1 store=$2 upstream=${3:-$UPSTREAM_URL} port admin env=()
     free_port port
     free_port admin
-    start "$name" "$IDEM_BIN" gateway --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-        --upstream "$UPSTREAM_URL" --store "$store"
+    [[ $upstream == https://* ]] && env=(env "SSL_CERT_FILE=$TLS_CA")
+    start "$name" "${env[@]}" "$IDEM_BIN" gateway --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+        --upstream "$upstream" --store "$store"
     wait_port "$name" "$port"
     wait_port "$name" "$admin"
     for _ in $(seq 50); do
@@ -213,6 +295,7 @@ start_gateway() {
 if wants miss || wants replay || wants passthrough; then start_gateway gw-full "sqlite://$TMP/idem.db"; fi
 if wants miss-normal || wants replay-normal; then start_gateway gw-normal "sqlite://$TMP/idem2.db?synchronous=normal"; fi
 if wants miss-memory || wants replay-memory; then start_gateway gw-memory "memory://"; fi
+if wants miss-tls || wants replay-tls; then start_gateway gw-tls "sqlite://$TMP/idem-tls.db" "$UPSTREAM_TLS_URL"; fi
 # The shared stores get a schema / key prefix of their own per run, so runs never see
 # each other's records (POSTGRES_URL and REDIS_URL point at the servers).
 BENCH_ID=bench_$(date +%s)_$$
@@ -227,7 +310,8 @@ fi
 declare -A SERVER=([upstream]=upstream [proxy]=proxy [miss]=gw-full [replay]=gw-full
     [miss-normal]=gw-normal [replay-normal]=gw-normal [miss-memory]=gw-memory [replay-memory]=gw-memory
     [passthrough]=gw-full [miss-postgres]=gw-postgres [replay-postgres]=gw-postgres
-    [miss-redis]=gw-redis [replay-redis]=gw-redis)
+    [miss-redis]=gw-redis [replay-redis]=gw-redis
+    [upstream-tls]=upstream-tls [proxy-tls]=proxy-tls [miss-tls]=gw-tls [replay-tls]=gw-tls)
 declare -A LABEL=(
     [upstream]="upstream alone (nginx)"
     [proxy]="bare proxy (nginx)"
@@ -242,6 +326,10 @@ declare -A LABEL=(
     [replay-postgres]="gateway replay, postgresql"
     [miss-redis]="gateway miss, redis"
     [replay-redis]="gateway replay, redis"
+    [upstream-tls]="TLS upstream alone (nginx)"
+    [proxy-tls]="bare proxy (nginx), TLS upstream"
+    [miss-tls]="gateway miss, sqlite, TLS upstream"
+    [replay-tls]="gateway replay, sqlite, TLS upstream"
 )
 mode_of() {
     case $1 in
@@ -259,13 +347,29 @@ decision_of() {
     esac
 }
 replay_key() { echo "bench-replay-$NONCE"; }
+# The row a scenario's ratio is to, and (TLS rows) the plaintext row it is the TLS twin of.
+baseline_of() {
+    case $1 in
+    *-tls) echo proxy-tls ;;
+    *) echo proxy ;;
+    esac
+}
+plaintext_of() {
+    case $1 in
+    *-tls) echo "${1%-tls}" ;;
+    *) echo "" ;;
+    esac
+}
 
 # ---------------------------------------------------------------- setup checks
 
+# curl trusts the test CA too (for upstream-tls, the only server wrk reaches over HTTPS).
+CURL_TLS=()
+[[ -n $TLS_CA ]] && CURL_TLS=(--cacert "$TLS_CA")
 post() { # URL KEY [curl args...] → prints the status code
     local url=$1 key=$2
     shift 2
-    curl -sS --max-time 10 -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
+    curl -sS --max-time 10 "${CURL_TLS[@]}" -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
         -H "Idempotency-Key: $key" --data-binary "$BODY" "$@" "$url$REQ_PATH"
 }
 
@@ -274,8 +378,13 @@ post() { # URL KEY [curl args...] → prints the status code
 for name in "${!URL[@]}"; do
     url=${URL[$name]}
     code=$(post "$url" "bench-check-$NONCE-$name")
+    if [[ $code == 400 && $name == gw-tls && $TLS_HTTP2 == yes ]]; then
+        show_logs "$name"
+        die "$name answered 400: over HTTP/2 it sends Host beside :authority, which older nginx refuses" \
+            "(\"duplicate host header\"); UPSTREAM_TLS_HTTP2=0 measures HTTP/1.1"
+    fi
     [[ $code == "$EXPECT_STATUS" ]] || { show_logs "$name"; die "$name answered $code to a POST, not $EXPECT_STATUS"; }
-    connects=$(curl -sS --max-time 10 -o /dev/null -o /dev/null -w '%{num_connects} ' -X POST \
+    connects=$(curl -sS --max-time 10 "${CURL_TLS[@]}" -o /dev/null -o /dev/null -w '%{num_connects} ' -X POST \
         -H 'Content-Type: application/json' -H "Idempotency-Key: bench-keepalive-$NONCE-$name" \
         --data-binary "$BODY" "$url$REQ_PATH" "$url$REQ_PATH")
     [[ $connects == "1 0 " ]] || die "$name does not keep connections alive across POSTs (connects: $connects)"
@@ -287,12 +396,34 @@ for s in "${SCENARIO_LIST[@]}"; do
     url=${URL[${SERVER[$s]}]}
     code=$(post "$url" "$(replay_key)")
     [[ $code == "$EXPECT_STATUS" ]] || die "priming the replay key on ${SERVER[$s]}: got $code, not $EXPECT_STATUS"
-    headers=$(curl -sS --max-time 10 -D - -o /dev/null -X POST -H 'Content-Type: application/json' \
+    headers=$(curl -sS --max-time 10 "${CURL_TLS[@]}" -D - -o /dev/null -X POST -H 'Content-Type: application/json' \
         -H "Idempotency-Key: $(replay_key)" --data-binary "$BODY" "$url$REQ_PATH" | tr -d '\r')
     grep -q "^HTTP/[0-9.]* $EXPECT_STATUS" <<<"$headers" || die "replay on ${SERVER[$s]} is not $EXPECT_STATUS: $(head -1 <<<"$headers")"
     grep -qi '^idempotent-replayed: true' <<<"$headers" || die "replay on ${SERVER[$s]} lacks Idempotent-Replayed: true"
 done
 log "  setup checks passed: every server answers $EXPECT_STATUS and keeps POST connections alive; replay keys primed"
+
+# What each TLS hop negotiated with the HTTPS upstream, as the upstream saw it ("HTTP/2.0
+# TLSv1.3 TLS_AES_256_GCM_SHA384"): through each server whose upstream is the HTTPS one,
+# with a key of its own (a miss, so the gateway's answer is fresh, not a replay).
+declare -A TLS_NEGOTIATED=()
+for name in upstream-tls proxy-tls gw-tls; do
+    [[ -n ${URL[$name]:-} ]] || continue
+    [[ $name != upstream-tls ]] || wants upstream-tls || continue
+    as_wrk=()
+    [[ $name == upstream-tls ]] && as_wrk=(--http1.1) # wrk offers no ALPN: HTTP/1.1
+    negotiated=$(curl -sS --max-time 10 "${CURL_TLS[@]}" "${as_wrk[@]}" -D - -o /dev/null -X POST -H 'Content-Type: application/json' \
+        -H "Idempotency-Key: bench-protocol-$NONCE-$name" --data-binary "$BODY" "${URL[$name]}$REQ_PATH" |
+        tr -d '\r' | sed -n 's/^[Xx]-[Bb]ench-[Uu]pstream: //p')
+    [[ -n $negotiated ]] || die "$name's answer lacks the HTTPS upstream's X-Bench-Upstream header"
+    TLS_NEGOTIATED[$name]=$negotiated
+    case $name in
+    upstream-tls) via="wrk → HTTPS upstream (checked with curl --http1.1)" ;;
+    proxy-tls) via="nginx proxy → HTTPS upstream" ;;
+    gw-tls) via="gateway → HTTPS upstream" ;;
+    esac
+    log "  TLS negotiated, $via: $negotiated"
+done
 
 # ---------------------------------------------------------------- measuring
 
@@ -407,12 +538,17 @@ for s in "${SCENARIO_LIST[@]}"; do
     # shellcheck disable=SC2086
     MED_P99[$s]=$(median ${P99[$s]})
 done
+ratio() { # SCENARIO OTHER → SCENARIO's median req/s over OTHER's, "" when OTHER did not run
+    [[ -n ${MED_RPS[$2]:-} ]] || return 0
+    awk -v a="${MED_RPS[$1]}" -v b="${MED_RPS[$2]}" 'BEGIN { if (b > 0) printf "%.3f", a / b }'
+}
+declare -A RATIO_PROXY=() RATIO_PLAIN=()
 for s in "${SCENARIO_LIST[@]}"; do
-    if [[ -n ${MED_RPS[proxy]:-} ]]; then
-        RATIO[$s]=$(awk -v a="${MED_RPS[$s]}" -v b="${MED_RPS[proxy]}" 'BEGIN { if (b > 0) printf "%.3f", a / b }')
-    else
-        RATIO[$s]=""
-    fi
+    RATIO[$s]=$(ratio "$s" "$(baseline_of "$s")")
+    RATIO_PROXY[$s]=$(ratio "$s" proxy)
+    plain=$(plaintext_of "$s")
+    RATIO_PLAIN[$s]=""
+    [[ -n $plain ]] && RATIO_PLAIN[$s]=$(ratio "$s" "$plain")
     goal=""
     case $s in
     miss) goal=$GOAL_MISS ;;
@@ -436,15 +572,25 @@ echo "idem gateway benchmark — $STARTED_AT, commit $(git -C "$ROOT" rev-parse 
 echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION, POST $REQ_PATH ($((${#BODY})) B JSON), median of $RUNS run(s);" \
     "$NPROC cores shared by load generator and servers; load average $LOAD_START at start, $LOAD_END at end"
 echo
-printf '%-36s %10s %9s %9s %9s  %s\n' "scenario" "req/s" "p50 ms" "p99 ms" "x proxy" ""
-printf '%-36s %10s %9s %9s %9s  %s\n' "------------------------------------" "----------" "---------" "---------" "---------" ""
+printf '%-36s %10s %9s %9s %9s %-10s %s\n' "scenario" "req/s" "p50 ms" "p99 ms" "x base" "base" ""
+printf '%-36s %10s %9s %9s %9s %-10s %s\n' "------------------------------------" "----------" "---------" "---------" "---------" "----------" ""
 for s in "${SCENARIO_LIST[@]}"; do
     ratio=${RATIO[$s]:+${RATIO[$s]}x}
     note=$(goal_text "$s")
     if ((${ERRORS[$s]:-0} > 0)); then note="${note:+$note; }${ERRORS[$s]} ERRORS"; fi
-    printf '%-36s %10.0f %9.2f %9.2f %9s  %s\n' "${LABEL[$s]}" "${MED_RPS[$s]}" \
+    printf '%-36s %10.0f %9.2f %9.2f %9s %-10s %s\n' "${LABEL[$s]}" "${MED_RPS[$s]}" \
         "$(awk -v u="${MED_P50[$s]}" 'BEGIN{print u/1000}')" "$(awk -v u="${MED_P99[$s]}" 'BEGIN{print u/1000}')" \
-        "${ratio:-n/a}" "$note"
+        "${ratio:-n/a}" "$(baseline_of "$s")" "$note"
+done
+echo "x base: req/s over the base row's in this run (proxy: wrk → nginx → upstream; proxy-tls: the same with"
+echo "        an HTTPS upstream); n/a when the base row did not run"
+tls_cost=""
+for s in "${SCENARIO_LIST[@]}"; do
+    [[ -n ${RATIO_PLAIN[$s]} ]] && tls_cost+="  $s ${RATIO_PLAIN[$s]}x of $(plaintext_of "$s")"
+done
+[[ -n $tls_cost ]] && echo "cost of TLS to the upstream (req/s, TLS row over its plaintext twin):$tls_cost"
+for name in upstream-tls proxy-tls gw-tls; do
+    [[ -n ${TLS_NEGOTIATED[$name]:-} ]] && echo "negotiated with the HTTPS upstream by $name: ${TLS_NEGOTIATED[$name]}"
 done
 echo
 
@@ -473,15 +619,26 @@ OUT_FILE=$OUT_DIR/gateway-$(date -u +%Y%m%dT%H%M%SZ).json
         "$(json_string "$DURATION")" "$RUNS" "$CONNECTIONS" "$THREADS" "$(json_string "$WARMUP")" \
         "$(json_string "$PROXY_WORKERS")" "$(json_string "$REQ_PATH")" "$(json_string "$BODY")" "$EXPECT_STATUS"
     printf '  "goals": {"miss_vs_proxy": %s, "replay_vs_proxy": %s},\n' "$GOAL_MISS" "$GOAL_REPLAY"
+    if ((WANTS_TLS)); then
+        negotiated="" sep=""
+        for name in upstream-tls proxy-tls gw-tls; do
+            [[ -n ${TLS_NEGOTIATED[$name]:-} ]] || continue
+            negotiated+="$sep$(json_string "$name"): $(json_string "${TLS_NEGOTIATED[$name]}")"
+            sep=", "
+        done
+        printf '  "tls": {"upstream": %s, "certificate": "ECDSA P-256, private CA made at run time", "h2_offered": %s, "negotiated": {%s}},\n' \
+            "$(json_string "$UPSTREAM_TLS_URL")" "$([[ $TLS_HTTP2 == yes ]] && echo true || echo false)" "$negotiated"
+    fi
     printf '  "scenarios": [\n'
     sep=""
     for s in "${SCENARIO_LIST[@]}"; do
         runs=${RUNLOG[$s]}
-        printf '%s    {"name": %s, "label": %s, "rps": %s, "p50_ms": %s, "p99_ms": %s, "ratio_to_proxy": %s, "goal": %s, "errors": %s,\n' \
+        printf '%s    {"name": %s, "label": %s, "rps": %s, "p50_ms": %s, "p99_ms": %s, "baseline": %s, "ratio_to_baseline": %s, "ratio_to_proxy": %s, "ratio_to_plaintext": %s, "goal": %s, "errors": %s,\n' \
             "$sep" "$(json_string "$s")" "$(json_string "${LABEL[$s]}")" "${MED_RPS[$s]}" \
             "$(awk -v u="${MED_P50[$s]}" 'BEGIN{printf "%.3f", u/1000}')" \
             "$(awk -v u="${MED_P99[$s]}" 'BEGIN{printf "%.3f", u/1000}')" \
-            "${RATIO[$s]:-null}" "${GOAL[$s]:-null}" "${ERRORS[$s]:-0}"
+            "$(json_string "$(baseline_of "$s")")" "${RATIO[$s]:-null}" "${RATIO_PROXY[$s]:-null}" \
+            "${RATIO_PLAIN[$s]:-null}" "${GOAL[$s]:-null}" "${ERRORS[$s]:-0}"
         printf '     "runs": [%s]}' "${runs%,}"
         sep=$',\n'
     done

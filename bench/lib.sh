@@ -232,3 +232,36 @@ upstream_alive() {
         die "the $UPSTREAM_NAME nginx died during the benchmark"
     }
 }
+
+# make_test_ca DIR: a private CA and a server certificate signed by it, made now with
+# openssl (ECDSA P-256, valid 2 days): DIR/ca.pem (the CA, what SSL_CERT_FILE and
+# proxy_ssl_trusted_certificate name), DIR/server.pem and DIR/server.key (the leaf, for
+# DNS name localhost and IP 127.0.0.1, serverAuth only). The CA's key never leaves DIR.
+make_test_ca() {
+    local dir=$1
+    mkdir -p "$dir"
+    chmod 755 "$dir"
+    (
+        cd "$dir"
+        openssl ecparam -name prime256v1 -genkey -noout -out ca.key
+        openssl req -x509 -new -key ca.key -sha256 -days 2 -subj "/CN=idem bench test CA" \
+            -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+            -addext "subjectKeyIdentifier=hash" -out ca.pem
+        openssl ecparam -name prime256v1 -genkey -noout -out server.key
+        openssl req -new -key server.key -subj "/CN=localhost" -out server.csr
+        printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+            "extendedKeyUsage=serverAuth" "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+            "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid" >server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 -days 2 \
+            -extfile server.ext -out server.pem
+    ) >"$dir/openssl.log" 2>&1 || { show_files "$dir/openssl.log"; die "openssl could not make the test certificates"; }
+    openssl verify -CAfile "$dir/ca.pem" "$dir/server.pem" >/dev/null 2>&1 || die "the test server certificate does not verify against its CA"
+}
+
+# cargo_target_dir: where release_build puts its binaries ($CARGO_TARGET_DIR, relative to
+# ROOT when it is relative; ROOT/target without it).
+cargo_target_dir() {
+    local dir=${CARGO_TARGET_DIR:-target}
+    [[ $dir == /* ]] || dir=$ROOT/$dir
+    printf '%s\n' "$dir"
+}

@@ -105,7 +105,7 @@ impl Upstream {
         })
     }
 
-    /// Rewrites a client's request for the upstream: target URI, `Host`, hop-by-hop
+    /// Rewrites a client's request for the upstream: target URI (which names the host), hop-by-hop
     /// headers removed, `X-Forwarded-For`/`-Host` and `-Proto` (`proto`) added.
     pub fn prepare(&self, request: &mut Request<Body>, peer: Option<SocketAddr>, proto: &HeaderValue) {
         let original_host = request
@@ -117,9 +117,10 @@ impl Upstream {
         *request.version_mut() = http::Version::HTTP_11;
         let headers = request.headers_mut();
         strip_hop_by_hop(headers);
-        if let Some(authority) = self.base.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-            headers.insert(header::HOST, authority);
-        }
+        // The client's Host goes; the upstream's comes from the target URI: as `Host` over
+        // HTTP/1.1 (the client adds it) and as `:authority` over HTTP/2, where a `Host`
+        // header beside it is a duplicate that servers such as nginx before 1.25 refuse.
+        headers.remove(header::HOST);
         if let Some(host) = original_host {
             headers.insert(HeaderName::from_static("x-forwarded-host"), host);
         }
@@ -185,6 +186,20 @@ mod tests {
         assert_eq!(t.to_string(), "http://127.0.0.1:9000/api/v1/orders?x=1");
         let bare = Upstream::new("http://127.0.0.1:9000".parse().unwrap()).unwrap();
         assert_eq!(bare.target(&"/a".parse().unwrap()).to_string(), "http://127.0.0.1:9000/a");
+    }
+
+    #[test]
+    fn the_upstream_host_comes_from_the_target_uri_not_a_header() {
+        let up = Upstream::new("https://api.example.com:8443/v2/".parse().unwrap()).unwrap();
+        let mut request = Request::post("/orders")
+            .header(header::HOST, "gateway.local")
+            .body(crate::gateway::body::full(bytes::Bytes::new()))
+            .unwrap();
+        up.prepare(&mut request, None, &HeaderValue::from_static("https"));
+        assert_eq!(request.uri().to_string(), "https://api.example.com:8443/v2/orders");
+        assert!(request.headers().get(header::HOST).is_none(), "no Host beside HTTP/2's :authority");
+        assert_eq!(request.headers()["x-forwarded-host"], "gateway.local");
+        assert_eq!(request.headers()["x-forwarded-proto"], "https");
     }
 
     #[test]

@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let body = lines.next().unwrap_or_default();
     check_validate(data);
     check_validate(raw);
+    check_from_header(raw);
     check_tenant(credential);
     check_from_body(body, &pointers);
 });
@@ -42,10 +43,34 @@ fn check_validate(raw: &[u8]) {
         Err(KeyError::Empty) => assert!(raw.is_empty()),
         Err(KeyError::TooLong(n)) => assert!(n == raw.len() && n > MAX_KEY_LEN),
         Err(KeyError::NotVisibleAscii) => assert!(!raw.is_empty() && raw.len() <= MAX_KEY_LEN && !visible),
+        Err(KeyError::NotSfString) => panic!("validate never reads a Structured Field"),
     }
     assert_eq!(key::accept(raw, Normalize::Lowercase).is_ok(), key::validate(raw).is_ok());
     let hash = key::hash_for_logs(&String::from_utf8_lossy(raw));
     assert!(hash.len() == 12 && hash.bytes().all(|b| b.is_ascii_hexdigit()));
+}
+
+/// A header value is the key itself unless it starts with `"`; then it is an sf-string, and
+/// quoting the key it names again gives the value back byte for byte.
+fn check_from_header(raw: &[u8]) {
+    match key::from_header(raw) {
+        Ok(named) if !raw.starts_with(b"\"") => assert_eq!(named.as_ref(), raw),
+        Ok(named) => {
+            let mut quoted = vec![b'"'];
+            for &byte in named.iter() {
+                if byte == b'"' || byte == b'\\' {
+                    quoted.push(b'\\');
+                }
+                quoted.push(byte);
+            }
+            quoted.push(b'"');
+            assert_eq!(quoted, raw, "an sf-string round-trips");
+        }
+        Err(error) => {
+            assert_eq!(error, KeyError::NotSfString);
+            assert!(raw.starts_with(b"\""), "only a quoted value can be a bad sf-string");
+        }
+    }
 }
 
 /// A body key is the pointed-at values joined by `|`: a string as its text, anything else as

@@ -101,9 +101,9 @@
 #   UPSTREAM_TLS_HTTP2=auto  offer h2 on the HTTPS upstream when nginx has http_v2_module
 #                       and `http2 on;` (1.25.1+); 1 offers it on older nginx too (`listen
 #                       … http2`); 0 never (HTTP/1.1 only, what the nginx proxy speaks anyway).
-#                       nginx 1.22 answers 400 ("duplicate host header") to an HTTP/2 request
-#                       with a Host header beside :authority, as idem's has today (nginx
-#                       accepts matching values since nginx/nginx#803, 2025).
+#                       (nginx 1.22 answers 400, "duplicate host header", to an HTTP/2 request
+#                       with a Host header beside :authority; idem sent one before 023b86a,
+#                       and the check below names that cause if it reappears.)
 #   IDEM_BIN=path       use this binary and skip the build; SKIP_BUILD=1 skips it too
 #                       (the binary is $CARGO_TARGET_DIR/release/idem, default target/)
 #   BENCH_TMPDIR=dir    where the temporary directory goes (default $TMPDIR or /tmp)
@@ -380,8 +380,8 @@ for name in "${!URL[@]}"; do
     code=$(post "$url" "bench-check-$NONCE-$name")
     if [[ $code == 400 && $name == gw-tls && $TLS_HTTP2 == yes ]]; then
         show_logs "$name"
-        die "$name answered 400: over HTTP/2 it sends Host beside :authority, which older nginx refuses" \
-            "(\"duplicate host header\"); UPSTREAM_TLS_HTTP2=0 measures HTTP/1.1"
+        die "$name answered 400 over HTTP/2: a Host header beside :authority? (older nginx refuses it as" \
+            "\"duplicate host header\"); UPSTREAM_TLS_HTTP2=0 measures HTTP/1.1"
     fi
     [[ $code == "$EXPECT_STATUS" ]] || { show_logs "$name"; die "$name answered $code to a POST, not $EXPECT_STATUS"; }
     connects=$(curl -sS --max-time 10 "${CURL_TLS[@]}" -o /dev/null -o /dev/null -w '%{num_connects} ' -X POST \

@@ -26,7 +26,7 @@ use crate::core::{FingerprintSpec, OnUnknown};
 pub struct RawConfig {
     /// Client listener, `HOST:PORT`.
     pub listen: Option<String>,
-    /// The protected API, `http://HOST:PORT[/prefix]`.
+    /// The protected API, `http[s]://HOST[:PORT][/prefix]`.
     pub upstream: Option<String>,
     /// Store URL.
     pub store: Option<String>,

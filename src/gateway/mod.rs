@@ -35,19 +35,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let metrics = crate::metrics::install();
     let stopping = host::cancel_on(shutdown);
     if config.demo == Demo::StartUpstream {
-        let address = config.upstream.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
-        let listener = TcpListener::bind(&address)
-            .await
-            .map_err(|e| Error::failed(format!("demo upstream: cannot listen on {address}"), e))?;
-        tokio::spawn(crate::demo::serve(listener));
+        start_demo_upstream(&config).await?;
     }
-    let tls = match &config.tls {
-        Some(files) => Some(Arc::new(
-            ServerTls::load(&files.cert, &files.key)
-                .map_err(|e| Error::BadInput(anyhow::Error::new(e).context("tls")))?,
-        )),
-        None => None,
-    };
+    let tls = listener_tls(&config)?;
     let Some(store) = host::open_store(&config.store, &stopping).await? else { return Ok(()) };
     let listener = host::bind(config.listen, "gateway").await?;
     let admin_listener = host::bind(config.admin.listen, "admin").await?;
@@ -89,6 +79,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let _ = admin_server.await;
     tracing::info!("idem gateway stopped");
     Ok(())
+}
+
+/// `--demo`: the demo upstream on the upstream's address.
+async fn start_demo_upstream(config: &Config) -> Result<(), Error> {
+    let address = config.upstream.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+    let listener = TcpListener::bind(&address)
+        .await
+        .map_err(|e| Error::failed(format!("demo upstream: cannot listen on {address}"), e))?;
+    tokio::spawn(crate::demo::serve(listener));
+    Ok(())
+}
+
+/// The client listener's certificate, read before anything starts: a file that cannot be
+/// used is bad input.
+fn listener_tls(config: &Config) -> Result<Option<Arc<ServerTls>>, Error> {
+    let Some(files) = &config.tls else { return Ok(None) };
+    let tls =
+        ServerTls::load(&files.cert, &files.key).map_err(|e| Error::BadInput(anyhow::Error::new(e).context("tls")))?;
+    Ok(Some(Arc::new(tls)))
 }
 
 /// The ready line (tests and scripts wait for it), and the quick start's hints.

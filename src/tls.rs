@@ -24,7 +24,6 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
@@ -76,10 +75,8 @@ pub fn client_config_with(roots: RootCertStore, check: Check) -> Result<Arc<Clie
     let config = match check {
         Check::ChainAndName => builder.with_root_certificates(roots).with_no_client_auth(),
         Check::Chain => {
-            let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
-                .build()
-                .map_err(|e| Error::Config(e.to_string()))?;
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(chain))).with_no_client_auth()
+            let chain_only = Lenient::new(roots, Forgives::AWrongName)?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(chain_only)).with_no_client_auth()
         }
     };
     Ok(Arc::new(config))
@@ -170,52 +167,6 @@ pub fn describe(error: &rustls::Error) -> String {
     format!("{hint} ({error})")
 }
 
-/// Checks the chain as [`WebPkiServerVerifier`] does, and forgives only a wrong name.
-/// webpki checks the chain (and revocation) before the name, so a name error means the
-/// chain was good; every other error stands.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
 /// The certificates of a PEM file: at least one, else an error naming the file.
 pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let file_error = |reason: String| Error::File { path: path.to_owned(), reason };
@@ -278,31 +229,65 @@ fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Error> {
 /// adds no promise to break). The one exception to "verification is always on": nothing
 /// else may use it.
 pub fn encryption_only_client_config() -> Arc<ClientConfig> {
-    let provider = provider();
-    let config = ClientConfig::builder_with_provider(provider.clone())
+    // The roots are never consulted; webpki wants some to check handshake signatures with.
+    let mozilla = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let anything = Lenient::new(mozilla, Forgives::Everything).expect("Mozilla's roots are not empty");
+    let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("the ring provider supports the default protocol versions")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Unauthenticated(provider)))
+        .with_custom_certificate_verifier(Arc::new(anything))
         .with_no_client_auth();
     Arc::new(config)
 }
 
-/// Accepts any certificate, but still checks that the server holds its key (the
-/// handshake signatures), so the session is at least bound to the certificate presented.
+/// A verifier that checks less than webpki does, for the two cases that ask for it; the
+/// handshake signatures are always checked (by webpki), so the session is bound to the
+/// certificate presented even when nothing else about it is.
 #[derive(Debug)]
-struct Unauthenticated(Arc<CryptoProvider>);
+struct Lenient {
+    webpki: Arc<WebPkiServerVerifier>,
+    forgives: Forgives,
+}
 
-impl ServerCertVerifier for Unauthenticated {
+/// What a [`Lenient`] verifier lets pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forgives {
+    /// Only a certificate for another name (`verify-ca`). webpki checks the chain (and
+    /// revocation) before the name, so a name error means the chain was good; every other
+    /// error stands.
+    AWrongName,
+    /// Any certificate (`prefer` without a root): encryption only.
+    Everything,
+}
+
+impl Lenient {
+    fn new(roots: RootCertStore, forgives: Forgives) -> Result<Self, Error> {
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        Ok(Lenient { webpki, forgives })
+    }
+}
+
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        if self.forgives == Forgives::Everything {
+            return Ok(ServerCertVerified::assertion());
+        }
+        match self.webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
     }
 
     fn verify_tls12_signature(
@@ -311,7 +296,7 @@ impl ServerCertVerifier for Unauthenticated {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        self.webpki.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -320,11 +305,11 @@ impl ServerCertVerifier for Unauthenticated {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        self.webpki.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.webpki.supported_verify_schemes()
     }
 }
 

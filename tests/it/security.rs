@@ -61,23 +61,7 @@ async fn a_malformed_key_is_bad_input() {
 #[test]
 fn a_malformed_key_is_bad_input_for_every_subcommand() {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let store = format!("sqlite://{}", dir.path().join("idem.db").display());
-    let flow = dir.path().join("flow.toml");
-    let steps = "[[steps]]\nname = \"export\"\nurl = \"http://127.0.0.1:9/x\"\n";
-    std::fs::write(
-        &flow,
-        format!("flow = \"f\"\nstore = \"{store}\"\n[source]\njsonl = \"-\"\nprimary_key = [\"id\"]\n{steps}"),
-    )
-    .unwrap();
-    let consumer = dir.path().join("consumer.toml");
-    std::fs::write(
-        &consumer,
-        format!(
-            "subscriber = \"s\"\nstore = \"{store}\"\n[source]\nnats = {{ url = \"nats://127.0.0.1:9\", stream = \"S\", \
-             subject = \"s.>\", durable = \"s\" }}\n[deliver]\nmethod = \"POST\"\nurl = \"http://127.0.0.1:9/x\"\n"
-        ),
-    )
-    .unwrap();
+    let (store, flow, consumer) = crate::support::run_and_consume_files(dir.path(), "http://127.0.0.1:9/x");
     let runs: [&[&str]; 3] = [
         &["run", flow.to_str().unwrap()],
         &["consume", consumer.to_str().unwrap()],

@@ -896,3 +896,21 @@ impl Drop for RabbitTls {
         let _ = self.child.wait();
     }
 }
+
+/// A flow file and a consumer file in `dir`, on a SQLite store there, whose step and
+/// delivery go to `endpoint` and whose broker is a closed port: for the checks of what
+/// `idem run` and `idem consume` refuse before they reach anything. Returns the store URL
+/// and the two files.
+pub fn run_and_consume_files(dir: &Path, endpoint: &str) -> (String, PathBuf, PathBuf) {
+    let store = format!("sqlite://{}", dir.join("idem.db").display());
+    let flow = dir.join("flow.toml");
+    let source = "[source]\njsonl = \"-\"\nprimary_key = [\"id\"]\n";
+    let step = format!("[[steps]]\nname = \"export\"\nurl = \"{endpoint}\"\n");
+    std::fs::write(&flow, format!("flow = \"f\"\nstore = \"{store}\"\n{source}{step}")).expect("the flow is written");
+    let consumer = dir.join("consumer.toml");
+    let nats = "nats = { url = \"nats://127.0.0.1:9\", stream = \"S\", subject = \"s.>\", durable = \"s\" }";
+    let deliver = format!("[deliver]\nmethod = \"POST\"\nurl = \"{endpoint}\"\n");
+    let text = format!("subscriber = \"s\"\nstore = \"{store}\"\n[source]\n{nats}\n{deliver}");
+    std::fs::write(&consumer, text).expect("the consumer file is written");
+    (store, flow, consumer)
+}

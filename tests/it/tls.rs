@@ -74,15 +74,7 @@ async fn a_certificate_for_another_host_is_refused() {
 #[test]
 fn an_unreadable_ssl_cert_file_is_bad_input_for_the_runner_and_the_consumer() {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let store = format!("sqlite://{}", dir.path().join("idem.db").display());
-    let step = "[[steps]]\nname = \"export\"\nurl = \"https://127.0.0.1:9/x\"\n";
-    let flow = dir.path().join("flow.toml");
-    let source = "[source]\njsonl = \"-\"\nprimary_key = [\"id\"]\n";
-    std::fs::write(&flow, format!("flow = \"f\"\nstore = \"{store}\"\n{source}{step}")).unwrap();
-    let consumer = dir.path().join("consumer.toml");
-    let nats = "nats = { url = \"nats://127.0.0.1:9\", stream = \"S\", subject = \"s.>\", durable = \"s\" }";
-    let deliver = "[deliver]\nmethod = \"POST\"\nurl = \"https://127.0.0.1:9/x\"\n";
-    std::fs::write(&consumer, format!("subscriber = \"s\"\nstore = \"{store}\"\n[source]\n{nats}\n{deliver}")).unwrap();
+    let (_, flow, consumer) = crate::support::run_and_consume_files(dir.path(), "https://127.0.0.1:9/x");
     for args in [["run", flow.to_str().unwrap()], ["consume", consumer.to_str().unwrap()]] {
         let output =
             crate::support::idem().args(args).env("SSL_CERT_FILE", "/nonexistent/ca.pem").output().expect("idem runs");

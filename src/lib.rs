@@ -16,6 +16,7 @@ pub mod core;
 pub mod demo;
 pub mod gateway;
 pub mod host;
+pub mod layer;
 pub mod metrics;
 pub mod runner;
 pub mod store;

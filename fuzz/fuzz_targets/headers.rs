@@ -1,5 +1,5 @@
 //! The gateway's header handling outside a live exchange: hop-by-hop removal
-//! (`gateway::upstream::strip_hop_by_hop`), the request rewrite for the upstream
+//! (`layer::answer::strip_hop_by_hop`), the request rewrite for the upstream
 //! (`Upstream::target`, `Upstream::prepare`), and stored answers' headers — kept as one
 //! `char` per byte (`core::record::StoredResponse`), written as JSON by the stores, sealed
 //! and opened by `store::encrypted::Keys`, which must refuse any forged or moved answer.
@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Uri};
 use idem::core::{RecordId, StoredResponse};
-use idem::gateway::body::full;
+use idem::layer::body::full;
 use idem::gateway::upstream::{Upstream, strip_hop_by_hop};
 use idem::store::encrypted::Keys;
 use idem_fuzz::Message;

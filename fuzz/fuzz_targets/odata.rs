@@ -1,4 +1,4 @@
-//! OData Repeatable Requests (`gateway::odata::parse`): the `Repeatability-First-Sent`
+//! OData Repeatable Requests (`layer::odata::parse`): the `Repeatability-First-Sent`
 //! HTTP date in its three formats (IMF-fixdate, RFC 850, asctime), the retention window,
 //! the pairing of the headers and the `Repeatability-Client-ID` check.
 
@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use http::StatusCode;
 use http::header::{HeaderMap, HeaderValue};
 use idem::core::key;
-use idem::gateway::odata::{self, CLIENT_ID, FIRST_SENT, REQUEST_ID};
+use idem::layer::odata::{self, CLIENT_ID, FIRST_SENT, REQUEST_ID};
 use idem_fuzz::Message;
 use libfuzzer_sys::fuzz_target;
 

@@ -81,6 +81,18 @@ pub fn url(s: &str, schemes: &[&str]) -> Result<url::Url, String> {
     }
 }
 
+/// An HTTP base URI, `http[s]://HOST[:PORT][/prefix]`: an upstream the gateway forwards to.
+pub fn upstream(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("invalid URL {s:?}: {e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http" | "https"), Some(_)) => Ok(uri),
+        (Some(other), Some(_)) => {
+            Err(format!("scheme {other:?} is not supported; the upstream must be http:// or https://HOST[:PORT]"))
+        }
+        _ => Err(format!("invalid URL {s:?}; write e.g. \"http://127.0.0.1:9000\"")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

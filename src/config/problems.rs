@@ -20,6 +20,16 @@ impl Problems {
         result.map_err(|message| self.push(at, message)).ok()
     }
 
+    /// A duration key: its value, or `default` when it is not given.
+    pub fn duration(&mut self, at: &str, value: Option<&str>, default: &str) -> Option<std::time::Duration> {
+        self.check(at, super::check::duration(value.unwrap_or(default)))
+    }
+
+    /// A size key (`1MiB`): its value in bytes, or `default` when it is not given.
+    pub fn size(&mut self, at: &str, value: Option<&str>, default: &str) -> Option<u64> {
+        self.check(at, super::check::size(value.unwrap_or(default)))
+    }
+
     /// A value that must be given: `None` is recorded as missing, with an example.
     pub fn required<T>(&mut self, at: &str, value: Option<T>, example: &str) -> Option<T> {
         if value.is_none() {

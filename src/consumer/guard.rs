@@ -26,6 +26,7 @@ use crate::core::{
     ClaimPolicy, Decision, Fingerprint, Intent, LeaseToken, OnChange, OnUnknown, Outcome, RecordId, Replays,
     StoredResponse,
 };
+use crate::store::clock::Clock;
 use crate::store::{Store, now_millis, owner};
 
 use super::config::VersionPointers;
@@ -133,7 +134,15 @@ impl VersionGuard {
     pub async fn applied(&self, holding: Holding) {
         let body = Bytes::from(json!({ "version": holding.version }).to_string());
         let response = StoredResponse { status: 200, headers: Vec::new(), body, retained: true };
-        owner::finish(self.store.as_ref(), &holding.id, holding.token, Outcome::Completed(response), |_| {}).await;
+        owner::finish(
+            self.store.as_ref(),
+            &holding.id,
+            holding.token,
+            Outcome::Completed(response),
+            Clock::System,
+            |_| {},
+        )
+        .await;
     }
 
     /// Gives the object back unchanged after its message was not applied (it failed, or
@@ -141,7 +150,7 @@ impl VersionGuard {
     /// and the same version may claim it again.
     pub async fn release(&self, holding: Holding) {
         let outcome = Outcome::Retryable { error: "not applied".into() };
-        owner::finish(self.store.as_ref(), &holding.id, holding.token, outcome, |_| {}).await;
+        owner::finish(self.store.as_ref(), &holding.id, holding.token, outcome, Clock::System, |_| {}).await;
     }
 
     /// Gives the object back after its message was found stale: completed again with the
@@ -150,7 +159,7 @@ impl VersionGuard {
         match holding.previous {
             Some(previous) => {
                 let outcome = Outcome::Completed(previous);
-                owner::finish(self.store.as_ref(), &holding.id, holding.token, outcome, |_| {}).await;
+                owner::finish(self.store.as_ref(), &holding.id, holding.token, outcome, Clock::System, |_| {}).await;
             }
             None => self.release(holding).await,
         }

@@ -46,6 +46,7 @@ use crate::runner::engine::{Attempts, Engine, Keys, Mode, unknown_is_safe};
 use crate::runner::flow::{Flow, SourceSpec};
 use crate::runner::output::{RecordReport, StepResult};
 use crate::runner::source::{Input, Source};
+use crate::store::clock::Clock;
 use crate::store::{self, Store, now_millis, owner};
 
 /// The pauses between a broker's reconnection attempts.
@@ -366,7 +367,7 @@ impl Handler {
             Ok(claim) => match (claim.decision, claim.token) {
                 (Decision::Execute(_), Some(token)) => {
                     let outcome = Outcome::NeedsReview { error: format!("malformed message: {why}") };
-                    owner::finish(self.store.as_ref(), &intent.id, token, outcome, |_| {}).await;
+                    owner::finish(self.store.as_ref(), &intent.id, token, outcome, Clock::System, |_| {}).await;
                     (Label::Malformed, Disposition::Reject)
                 }
                 // The id was delivered before, with a body that could be read.

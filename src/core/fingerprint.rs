@@ -16,6 +16,12 @@ use sha2::{Digest, Sha256};
 pub struct Fingerprint(pub [u8; 32]);
 
 impl Fingerprint {
+    /// The SHA-256 of `bytes`: the fingerprint of whatever canonical description of an
+    /// action the caller chooses (`Idem::run_once`).
+    pub fn of(bytes: impl AsRef<[u8]>) -> Self {
+        Self(Sha256::digest(bytes.as_ref()).into())
+    }
+
     /// Lowercase hex, 64 characters.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)

@@ -2,23 +2,20 @@
 //! environment, then validated into typed values with every mistake named by its path.
 //!
 //! The reading, the checks and the `[admin]` table are the shared [`crate::config`] toolkit's;
-//! this file holds what only the gateway has: its keys, their defaults, and one small
-//! validator per table of a route.
+//! the `[[routes]]` are the layer's ([`crate::layer::config`]); this file holds what only
+//! the gateway has: its listener, upstream, store and timing keys and their defaults.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use globset::GlobMatcher;
-use http::header::HeaderName;
-use http::{Method, Uri};
+use http::Uri;
 use serde::Deserialize;
 
-use super::route::{ForwardKey, InFlight, KeySource, Route, TenantSource};
-use crate::config::{self, Admin, Alternative, Kind, OneOrMany, Problems, RawAdmin, WordOr, check, field};
-use crate::core::key::Normalize;
-use crate::core::{FingerprintSpec, OnUnknown};
+use crate::config::{self, Admin, Kind, Problems, RawAdmin, check};
+use crate::layer::config::{RawRoute, validate_routes};
+use crate::layer::odata;
+use crate::layer::route::Route;
 
 /// The config file as written. Every table refuses unknown keys.
 #[derive(Debug, Default, Deserialize)]
@@ -83,112 +80,6 @@ impl RawTls {
     }
 }
 
-/// `[[routes]]`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRoute {
-    /// The route's name: the scope of its records.
-    pub name: Option<String>,
-    /// Methods protected on this route.
-    pub methods: Option<Vec<String>>,
-    /// Path glob.
-    pub path: Option<String>,
-    /// Record lifetime.
-    pub ttl: Option<String>,
-    /// Where the key comes from.
-    pub key: Option<RawKey>,
-    /// What the fingerprint covers.
-    pub fingerprint: Option<RawFingerprint>,
-    /// Where the tenant comes from.
-    pub tenant: Option<RawTenant>,
-    /// What a duplicate in flight gets.
-    pub in_flight: Option<RawInFlight>,
-    /// Lease length.
-    pub lease: Option<String>,
-    /// The route's own upstream.
-    pub upstream: Option<String>,
-    /// Budget for the whole upstream exchange.
-    pub upstream_timeout: Option<String>,
-    /// `review` or `retry`.
-    pub on_unknown: Option<OnUnknown>,
-    /// Store 5xx answers as final.
-    pub store_server_errors: Option<bool>,
-    /// How the key reaches the upstream.
-    pub forward_key: Option<RawForwardKey>,
-    /// Largest request body.
-    pub max_body: Option<String>,
-    /// Largest answer kept for replay.
-    pub max_stored_response: Option<String>,
-    /// Response headers never stored.
-    pub replay_header_denylist: Option<Vec<String>>,
-}
-
-/// `key = { … }`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawKey {
-    /// A header name.
-    pub header: Option<String>,
-    /// One or more JSON pointers into the body.
-    pub body: Option<OneOrMany>,
-    /// Use the fingerprint as the key.
-    pub fingerprint: Option<bool>,
-    /// Refuse requests without a key.
-    pub required: Option<bool>,
-    /// `none` or `lowercase`.
-    pub normalize: Option<Normalize>,
-}
-
-/// `fingerprint = { … }`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawFingerprint {
-    /// Pointers removed before hashing.
-    pub exclude: Option<Vec<String>>,
-    /// Only these pointers count.
-    pub include: Option<Vec<String>>,
-    /// Header allowlist.
-    pub headers: Option<Vec<String>>,
-}
-
-/// `tenant = { header = "…" }`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawTenant {
-    /// The tenant header.
-    pub header: Option<String>,
-}
-
-/// `in_flight = "reject"` or `{ wait = "5s" }`.
-pub type RawInFlight = WordOr<RawWait>;
-
-/// `in_flight = { wait = "5s" }`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawWait {
-    /// How long to wait.
-    pub wait: String,
-}
-
-impl Alternative for RawWait {
-    const EXPECTED: &'static str = "\"reject\" or { wait = \"5s\" }";
-}
-
-/// `forward_key = "as-is" | "strip" | "odata"` or `{ header = "…" }`.
-pub type RawForwardKey = WordOr<RawForwardHeader>;
-
-/// `forward_key = { header = "…" }`: rename the header.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawForwardHeader {
-    /// The header the upstream receives the key in.
-    pub header: String,
-}
-
-impl Alternative for RawForwardHeader {
-    const EXPECTED: &'static str = "\"as-is\", \"strip\", \"odata\" or { header = \"…\" }";
-}
-
 /// Values given on the command line or in the environment; they win over the file.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -228,7 +119,7 @@ pub struct Config {
     /// Store URL.
     pub store: String,
     /// Whether OData `Repeatability-*` headers are honoured.
-    pub odata: super::odata::Repeatable,
+    pub odata: odata::Repeatable,
     /// Admin listener and token.
     pub admin: Admin,
     /// Budget for a client to send its headers and body.
@@ -265,13 +156,13 @@ impl RawConfig {
         };
         let listen = p.check("listen", check::socket_addr(&text(&overrides.listen, self.listen, "127.0.0.1:8080")));
         let upstream =
-            p.check("upstream", upstream_uri(&text(&overrides.upstream, self.upstream, "http://127.0.0.1:9000")));
+            p.check("upstream", check::upstream(&text(&overrides.upstream, self.upstream, "http://127.0.0.1:9000")));
         let store = text(&overrides.store, self.store, "sqlite://./idem.db");
         let admin = RawAdmin { listen: overrides.admin_listen.clone().or(self.admin.listen), ..self.admin };
         let admin = admin.validate(Some("127.0.0.1:8081"), env, &mut p);
-        let client_timeout = duration(&mut p, "client_timeout", self.client_timeout, "30s");
-        let shutdown_grace = duration(&mut p, "shutdown_grace", self.shutdown_grace, "30s");
-        let purge_interval = duration(&mut p, "purge_interval", self.purge_interval, "60s");
+        let client_timeout = p.duration("client_timeout", self.client_timeout.as_deref(), "30s");
+        let shutdown_grace = p.duration("shutdown_grace", self.shutdown_grace.as_deref(), "30s");
+        let purge_interval = p.duration("purge_interval", self.purge_interval.as_deref(), "60s");
         let max_connections = match self.max_connections {
             None => Some(MAX_CONNECTIONS),
             Some(n) => p.check("max_connections", check::bounded(n, 1, 1_000_000)),
@@ -284,9 +175,9 @@ impl RawConfig {
                 upstream: upstream?,
                 store,
                 odata: if self.odata.unwrap_or(false) {
-                    super::odata::Repeatable::Honoured
+                    odata::Repeatable::Honoured
                 } else {
-                    super::odata::Repeatable::Ignored
+                    odata::Repeatable::Ignored
                 },
                 admin: admin?,
                 client_timeout: client_timeout?,
@@ -302,219 +193,18 @@ impl RawConfig {
     }
 }
 
-/// The routes in order (one default route when none is written); names must be unique.
-fn validate_routes(raw: Vec<RawRoute>, p: &mut Problems) -> Vec<Route> {
-    let raw = if raw.is_empty() { vec![RawRoute::default()] } else { raw };
-    let mut routes = Vec::new();
-    let mut names = BTreeMap::new();
-    for (i, raw) in raw.into_iter().enumerate() {
-        let at = format!("routes[{i}]");
-        let Some(route) = raw.validate(&at, p) else { continue };
-        if let Some(first) = names.insert(route.name.clone(), i) {
-            p.push(&field(&at, "name"), format_args!("{:?} is already the name of routes[{first}]", route.name));
-        }
-        routes.push(route);
-    }
-    routes
-}
-
-impl RawRoute {
-    /// One route; `None` when any of its keys is wrong (every mistake is recorded).
-    fn validate(self, at: &str, p: &mut Problems) -> Option<Route> {
-        let problems_before = p.len();
-        let name = route_name(self.name.unwrap_or_else(|| "default".into()), &field(at, "name"), p);
-        let methods = methods(self.methods.unwrap_or_else(|| vec!["POST".into(), "PATCH".into()]), at, p);
-        let path = self.path.unwrap_or_else(|| "/**".into());
-        let matcher = p.check(&field(at, "path"), glob(&path));
-        let ttl = duration(p, &field(at, "ttl"), self.ttl, "24h");
-        let lease = lease(p, &field(at, "lease"), self.lease);
-        let upstream = match self.upstream {
-            Some(url) => p.check(&field(at, "upstream"), upstream_uri(&url)).map(Some),
-            None => Some(None),
-        };
-        let upstream_timeout = duration(p, &field(at, "upstream_timeout"), self.upstream_timeout, "30s");
-        let max_body = size(p, &field(at, "max_body"), self.max_body, "1MiB");
-        let max_stored_response = size(p, &field(at, "max_stored_response"), self.max_stored_response, "1MiB");
-        let raw_key = self.key.unwrap_or_default();
-        let (required, normalize) = (raw_key.required.unwrap_or(false), raw_key.normalize.unwrap_or_default());
-        let key = raw_key.validate(&field(at, "key"), p);
-        let fingerprint = self.fingerprint.unwrap_or_default().validate(&field(at, "fingerprint"), p);
-        let tenant = tenant(self.tenant, &field(at, "tenant"), p);
-        let in_flight = in_flight(self.in_flight, &field(at, "in_flight"), p);
-        let forward_key = forward_key(self.forward_key, &field(at, "forward_key"), p);
-        let denylist = self.replay_header_denylist.unwrap_or_else(|| vec!["set-cookie".into()]);
-        let replay_denylist = header_names(&denylist, &field(at, "replay_header_denylist"), p);
-        if p.len() > problems_before {
-            return None;
-        }
-        Some(Route {
-            name,
-            methods,
-            path,
-            matcher: matcher?,
-            ttl: ttl?,
-            key: key?,
-            required,
-            normalize,
-            fingerprint: fingerprint?,
-            tenant: tenant?,
-            in_flight: in_flight?,
-            lease: lease?,
-            upstream: upstream?,
-            upstream_timeout: upstream_timeout?,
-            on_unknown: self.on_unknown.unwrap_or_default(),
-            store_server_errors: self.store_server_errors.unwrap_or(false),
-            forward_key: forward_key?,
-            max_body: max_body?,
-            max_stored_response: max_stored_response?,
-            replay_denylist,
-        })
-    }
-}
-
-impl RawKey {
-    /// Where the key comes from: exactly one of a header, body pointers or the fingerprint
-    /// (the `Idempotency-Key` header when none is given).
-    fn validate(self, at: &str, p: &mut Problems) -> Option<KeySource> {
-        match (self.header, self.body, self.fingerprint) {
-            (Some(h), None, None | Some(false)) => {
-                p.check(&field(at, "header"), check::header_name(&h)).map(KeySource::Header)
-            }
-            (None, Some(b), None | Some(false)) => {
-                p.check(&field(at, "body"), check::pointers(b.into_vec())).map(KeySource::Body)
-            }
-            (None, None, Some(true)) => Some(KeySource::Fingerprint),
-            (None, None, None | Some(false)) => Some(KeySource::Header(HeaderName::from_static("idempotency-key"))),
-            _ => {
-                p.push(at, "give exactly one of header, body or fingerprint = true");
-                None
-            }
-        }
-    }
-}
-
-impl RawFingerprint {
-    /// The header allowlist (default `content-type`) and the include/exclude pointers.
-    fn validate(self, at: &str, p: &mut Problems) -> Option<FingerprintSpec> {
-        let headers = self.headers.unwrap_or_else(|| vec!["content-type".into()]);
-        let headers = header_names(&headers, &field(at, "headers"), p);
-        let include = p.check(&field(at, "include"), check::pointers(self.include.unwrap_or_default()));
-        let exclude = p.check(&field(at, "exclude"), check::pointers(self.exclude.unwrap_or_default()));
-        Some(FingerprintSpec {
-            headers: headers.iter().map(|h| h.as_str().to_owned()).collect(),
-            include: include?,
-            exclude: exclude?,
-        })
-    }
-}
-
-/// 1–128 visible ASCII characters: the name is the scope of the route's records.
-fn route_name(name: String, at: &str, p: &mut Problems) -> String {
-    if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_graphic()) {
-        p.push(at, format_args!("{name:?} must be 1-128 visible ASCII characters"));
-    }
-    name
-}
-
-/// The protected methods; GET and HEAD are safe by definition and never claimed.
-fn methods(raw: Vec<String>, at: &str, p: &mut Problems) -> Vec<Method> {
-    let protected = |m: &String| {
-        let method = check::method(m)?;
-        if method == Method::GET || method == Method::HEAD {
-            return Err(format!("{method} is never claimed: GET and HEAD are safe and pass through"));
-        }
-        Ok(method)
-    };
-    raw.iter().enumerate().filter_map(|(i, m)| p.check(&format!("{at}.methods[{i}]"), protected(m))).collect()
-}
-
-/// A path glob: `*` stays within a segment, `**` crosses segments.
-fn glob(glob: &str) -> Result<GlobMatcher, String> {
-    globset::GlobBuilder::new(glob)
-        .literal_separator(true)
-        .build()
-        .map(|g| g.compile_matcher())
-        .map_err(|e| format!("invalid glob {glob:?}: {e}"))
-}
-
-/// The lease: renewed every third of it, so a shorter one would renew faster than a store
-/// round trip.
-fn lease(p: &mut Problems, at: &str, value: Option<String>) -> Option<Duration> {
-    let lease = duration(p, at, value, "30s")?;
-    if lease < Duration::from_millis(100) {
-        p.push(at, "must be at least 100ms");
-        return None;
-    }
-    Some(lease)
-}
-
-/// `tenant = { header = "…" }`, or the hash of the credential when none is given.
-fn tenant(raw: Option<RawTenant>, at: &str, p: &mut Problems) -> Option<TenantSource> {
-    match raw.and_then(|t| t.header) {
-        Some(h) => p.check(&field(at, "header"), check::header_name(&h)).map(TenantSource::Header),
-        None => Some(TenantSource::Credential),
-    }
-}
-
-fn in_flight(raw: Option<RawInFlight>, at: &str, p: &mut Problems) -> Option<InFlight> {
-    match raw {
-        None => Some(InFlight::Reject),
-        Some(WordOr::Word(w)) if w == "reject" => Some(InFlight::Reject),
-        Some(WordOr::Word(w)) => {
-            p.push(at, format_args!("{w:?} is not {}", RawWait::EXPECTED));
-            None
-        }
-        Some(WordOr::Table(RawWait { wait })) => duration(p, &field(at, "wait"), Some(wait), "").map(InFlight::Wait),
-    }
-}
-
-fn forward_key(raw: Option<RawForwardKey>, at: &str, p: &mut Problems) -> Option<ForwardKey> {
-    match raw {
-        None => Some(ForwardKey::AsIs),
-        Some(WordOr::Word(w)) => match w.as_str() {
-            "as-is" => Some(ForwardKey::AsIs),
-            "strip" => Some(ForwardKey::Strip),
-            "odata" => Some(ForwardKey::OData),
-            _ => {
-                p.push(at, format_args!("{w:?} is not {}", RawForwardHeader::EXPECTED));
-                None
-            }
-        },
-        Some(WordOr::Table(RawForwardHeader { header })) => {
-            p.check(&field(at, "header"), check::header_name(&header)).map(ForwardKey::Rename)
-        }
-    }
-}
-
-/// Header names, each mistake named by its index (`headers[1]`).
-fn header_names(raw: &[String], at: &str, p: &mut Problems) -> Vec<HeaderName> {
-    raw.iter().enumerate().filter_map(|(i, h)| p.check(&format!("{at}[{i}]"), check::header_name(h))).collect()
-}
-
-fn duration(p: &mut Problems, at: &str, value: Option<String>, default: &str) -> Option<Duration> {
-    p.check(at, check::duration(value.as_deref().unwrap_or(default)))
-}
-
-fn size(p: &mut Problems, at: &str, value: Option<String>, default: &str) -> Option<u64> {
-    p.check(at, check::size(value.as_deref().unwrap_or(default)))
-}
-
-fn upstream_uri(s: &str) -> Result<Uri, String> {
-    let uri: Uri = s.parse().map_err(|e| format!("invalid URL {s:?}: {e}"))?;
-    match (uri.scheme_str(), uri.authority()) {
-        (Some("http" | "https"), Some(_)) => Ok(uri),
-        (Some(other), Some(_)) => {
-            Err(format!("scheme {other:?} is not supported; the upstream must be http:// or https://HOST[:PORT]"))
-        }
-        _ => Err(format!("invalid URL {s:?}; write e.g. \"http://127.0.0.1:9000\"")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
 
+    use http::Method;
+    use http::header::HeaderName;
+
+    use super::*;
     use crate::config::parse_toml;
+    use crate::core::OnUnknown;
+    use crate::core::key::Normalize;
+    use crate::layer::route::{ForwardKey, InFlight, KeySource};
 
     fn validate(text: &str) -> Result<Config, String> {
         let raw: RawConfig = parse_toml(text)?;
@@ -592,7 +282,7 @@ mod tests {
         )
         .unwrap();
         let route = &config.routes[0];
-        assert_eq!(config.odata, crate::gateway::odata::Repeatable::Honoured);
+        assert_eq!(config.odata, crate::layer::odata::Repeatable::Honoured);
         assert!(route.matcher.is_match("/v1/orders/1"));
         assert!(!route.matcher.is_match("/v1/orders/1/items"));
         assert_eq!(route.in_flight, InFlight::Wait(Duration::from_secs(5)));

@@ -1,31 +1,101 @@
 //! `idem gateway`: a reverse proxy that gives any HTTP API the idempotency of SPEC §2–§4.
 //!
-//! `config` turns TOML and flags into typed routes; `service` makes each request's
-//! decision through the store and the core; `upstream` talks to the protected API;
-//! `problem` is every error answer. The listener is served by [`crate::host::listener`].
+//! The gateway is the idem layer ([`crate::layer`]) over a proxy: `config` turns TOML and
+//! flags into typed settings (the `[[routes]]` are the layer's); `proxy` is the inner
+//! service that forwards to the protected API through `upstream`'s pooled client. The
+//! listener is served by [`crate::host::listener`].
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::ConnectInfo;
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::{Method, Request, Response};
 use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
-pub mod body;
 pub mod config;
-pub mod odata;
-pub mod problem;
-pub mod route;
-pub mod service;
+pub mod proxy;
 #[cfg(test)]
 mod store_faults;
+#[cfg(test)]
+mod tests;
 pub mod upstream;
 
 pub use config::{Config, Demo};
-pub use service::Gateway;
 
 use crate::host::{self, Error, Limits};
-use crate::store;
+use crate::layer::body::{Body, BoxError};
+use crate::layer::{Idem, IdemLayer, IdemService};
+use crate::store::{self, Store};
 use crate::tls::ServerTls;
+use proxy::Proxy;
+
+/// The gateway: the idem layer over the proxy, shared by every connection.
+pub struct Gateway {
+    layer: IdemLayer,
+    service: IdemService<Proxy>,
+    proxy: Proxy,
+}
+
+impl Gateway {
+    /// The gateway `config` describes, on `store`. Fails only when the TLS roots cannot be
+    /// loaded (an unreadable `SSL_CERT_FILE`).
+    pub fn new(config: &Config, store: Arc<dyn Store>) -> Result<Self, crate::tls::Error> {
+        let layer = Idem::with_store(store)
+            .layer()
+            .routes(config.routes.iter().cloned())
+            .odata(config.odata)
+            .client_timeout(config.client_timeout)
+            .build()
+            .expect("a validated configuration has unique, non-empty routes");
+        let proto = HeaderValue::from_static(if config.tls.is_some() { "https" } else { "http" });
+        let proxy = Proxy::new(config.upstream.clone(), layer.routes(), proto)?;
+        let service = tower::Layer::layer(&layer, proxy.clone());
+        Ok(Self { layer, service, proxy })
+    }
+
+    /// Answers one client request (`peer`: the client's address, for `X-Forwarded-For`).
+    pub async fn handle<B>(&self, mut request: Request<B>, peer: Option<SocketAddr>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if let Some(peer) = peer {
+            request.extensions_mut().insert(ConnectInfo(peer));
+        }
+        match self.service.clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+
+    /// The route table as the admin API shows it (`GET /v1/routes`): each route's name,
+    /// methods, path glob and upstream, in matching order. Also logs each route and
+    /// publishes `idem_route_upstream`.
+    pub fn publish_routes(&self) -> Vec<serde_json::Value> {
+        self.layer
+            .routes()
+            .iter()
+            .zip(self.proxy.route_upstreams())
+            .map(|(route, upstream)| {
+                let upstream = upstream.base().to_string();
+                tracing::info!(route = %route.name, path = %route.path, upstream = %upstream, "route");
+                crate::metrics::set_route_upstream(&route.name, &upstream);
+                let methods: Vec<&str> = route.methods.iter().map(Method::as_str).collect();
+                serde_json::json!({ "name": route.name, "methods": methods, "path": route.path, "upstream": upstream })
+            })
+            .collect()
+    }
+
+    /// The detached executions, for graceful shutdown.
+    pub fn tasks(&self) -> &TaskTracker {
+        self.layer.tasks()
+    }
+}
 
 /// Runs the gateway until `shutdown` resolves: opens the store, binds the client and
 /// admin listeners, prints the ready line, serves, and on shutdown stops accepting, lets

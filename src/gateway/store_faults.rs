@@ -14,8 +14,8 @@ use serde_json::Value;
 use crate::config::parse_toml;
 use crate::core::{Record, RecordId, Status};
 use crate::gateway::Gateway;
-use crate::gateway::body::Body;
 use crate::gateway::config::{Overrides, RawConfig};
+use crate::layer::body::Body;
 use crate::store::faulty::*;
 use crate::store::memory::MemoryStore;
 use crate::store::{ListQuery, Store};
@@ -88,7 +88,7 @@ async fn a_claim_that_fails_is_refused_with_503_and_nothing_is_forwarded() {
     let gateway = gateway(store.clone(), upstream);
 
     store.fail_next(Op::Claim, 1);
-    let refused = gateway.clone().handle(order("k1"), None).await;
+    let refused = gateway.handle(order("k1"), None).await;
     assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
     let (status, _, problem) = seen(refused).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -97,7 +97,7 @@ async fn a_claim_that_fails_is_refused_with_503_and_nothing_is_forwarded() {
     assert_eq!(stored(store.inner().as_ref(), "k1").await, None);
 
     // The store is back: the client's retry executes, once, with no restart.
-    let (status, replayed, _) = seen(gateway.clone().handle(order("k1"), None).await).await;
+    let (status, replayed, _) = seen(gateway.handle(order("k1"), None).await).await;
     assert_eq!((status, replayed), (StatusCode::CREATED, false));
     assert_eq!(upstream_calls(upstream).await, 1);
 }
@@ -109,13 +109,13 @@ async fn a_finish_that_fails_for_a_moment_is_retried_and_the_record_completes() 
     let gateway = gateway(store.clone(), upstream);
 
     store.fail_next(Op::Finish, 3);
-    let (status, replayed, first) = seen(gateway.clone().handle(order("k1"), None).await).await;
+    let (status, replayed, first) = seen(gateway.handle(order("k1"), None).await).await;
     assert_eq!((status, replayed), (StatusCode::CREATED, false));
     assert_eq!(store.calls(Op::Finish), 4, "three failed attempts, then the one that recorded the answer");
     let record = stored(store.inner().as_ref(), "k1").await.expect("a record");
     assert_eq!(record.status, Status::Completed, "{record:?}");
 
-    let (status, replayed, again) = seen(gateway.clone().handle(order("k1"), None).await).await;
+    let (status, replayed, again) = seen(gateway.handle(order("k1"), None).await).await;
     assert_eq!((status, replayed), (StatusCode::CREATED, true));
     assert_eq!(again, first);
     assert_eq!(upstream_calls(upstream).await, 1);
@@ -128,7 +128,7 @@ async fn an_owner_lost_between_claim_and_finish_leaves_an_unknown_outcome_never_
     let gateway = gateway(store.clone(), upstream);
 
     store.crash_after_claim();
-    let (status, _, _) = seen(gateway.clone().handle(order("k1"), None).await).await;
+    let (status, _, _) = seen(gateway.handle(order("k1"), None).await).await;
     assert_eq!(status, StatusCode::CREATED, "the upstream answered; only its recording failed");
     assert_eq!(store.calls(Op::Finish), 6, "owner::finish tried six times before giving up");
     let record = stored(store.inner().as_ref(), "k1").await.expect("the claim is durable");
@@ -139,7 +139,7 @@ async fn an_owner_lost_between_claim_and_finish_leaves_an_unknown_outcome_never_
     store.recover();
     let restarted = self::gateway(store.inner().clone(), upstream);
     tokio::time::sleep(PAST_THE_LEASE).await;
-    let (status, _, problem) = seen(restarted.clone().handle(order("k1"), None).await).await;
+    let (status, _, problem) = seen(restarted.handle(order("k1"), None).await).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(problem["type"], "outcome-unknown");
     let record = stored(store.inner().as_ref(), "k1").await.expect("a record");
@@ -168,7 +168,7 @@ async fn decisions(store: Arc<dyn Store>) -> Vec<(StatusCode, bool)> {
     ];
     let mut seen_by_client = Vec::new();
     for request in requests {
-        let (status, replayed, _) = seen(gateway.clone().handle(request, None).await).await;
+        let (status, replayed, _) = seen(gateway.handle(request, None).await).await;
         seen_by_client.push((status, replayed));
     }
     seen_by_client
@@ -201,7 +201,8 @@ async fn latency_does_not_change_decisions() {
     for _ in 0..8 {
         let mut request = order("race");
         request.headers_mut().insert("x-demo-delay", "200ms".parse().unwrap());
-        racing.spawn(gateway.clone().handle(request, None));
+        let gateway = gateway.clone();
+        racing.spawn(async move { gateway.handle(request, None).await });
     }
     let mut executed = 0;
     while let Some(response) = racing.join_next().await {

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -16,7 +16,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::body::Body;
+pub use crate::layer::answer::strip_hop_by_hop;
+use crate::layer::body::Body;
 
 /// How an upstream call failed.
 #[derive(Debug, thiserror::Error)]
@@ -137,33 +138,6 @@ impl Upstream {
     }
 }
 
-/// The headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(named.iter()) {
-        headers.remove(name);
-    }
-    headers.remove("proxy-connection");
-}
-
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -193,7 +167,7 @@ mod tests {
         let up = Upstream::new("https://api.example.com:8443/v2/".parse().unwrap()).unwrap();
         let mut request = Request::post("/orders")
             .header(header::HOST, "gateway.local")
-            .body(crate::gateway::body::full(bytes::Bytes::new()))
+            .body(crate::layer::body::full(bytes::Bytes::new()))
             .unwrap();
         up.prepare(&mut request, None, &HeaderValue::from_static("https"));
         assert_eq!(request.uri().to_string(), "https://api.example.com:8443/v2/orders");
@@ -204,7 +178,7 @@ mod tests {
 
     #[test]
     fn hop_by_hop_headers_go() {
-        let mut h = HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         h.insert(header::CONNECTION, "keep-alive, x-secret-hop".parse().unwrap());
         h.insert("x-secret-hop", "1".parse().unwrap());
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());

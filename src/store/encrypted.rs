@@ -158,12 +158,12 @@ fn decode_key(variable: &str, text: &str) -> Result<[u8; 32], Error> {
 /// A store whose stored answers are sealed.
 pub struct EncryptedStore {
     inner: Arc<dyn Store>,
-    keys: Keys,
+    keys: Arc<Keys>,
 }
 
 impl EncryptedStore {
     /// Seals what `inner` stores with `keys`.
-    pub fn new(inner: Arc<dyn Store>, keys: Keys) -> Self {
+    pub fn new(inner: Arc<dyn Store>, keys: Arc<Keys>) -> Self {
         Self { inner, keys }
     }
 
@@ -304,6 +304,6 @@ mod tests {
         std::mem::forget(dir);
         let options = crate::store::sqlite::Options { path, synchronous: crate::store::sqlite::Synchronous::Normal };
         let inner = crate::store::sqlite::SqliteStore::open(options).await.unwrap();
-        EncryptedStore::new(Arc::new(inner), Keys::new(&[3; 32], &[]))
+        EncryptedStore::new(Arc::new(inner), Arc::new(Keys::new(&[3; 32], &[])))
     });
 }

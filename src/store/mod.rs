@@ -17,6 +17,7 @@ use crate::core::{
     Status,
 };
 
+pub mod clock;
 pub mod conformance;
 pub mod encrypted;
 pub mod faulty;
@@ -230,7 +231,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
     let keys = encrypted::Keys::from_env(|name| std::env::var(name).ok())?;
     let store = open_plain(url).await?;
     Ok(match keys {
-        Some(keys) => Arc::new(encrypted::EncryptedStore::new(store, keys)),
+        Some(keys) => Arc::new(encrypted::EncryptedStore::new(store, Arc::new(keys))),
         None => store,
     })
 }

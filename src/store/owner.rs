@@ -8,17 +8,24 @@ use std::time::{Duration, Instant};
 
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Store, now_millis};
+use super::Store;
+use super::clock::Clock;
 use crate::backoff::Backoff;
 use crate::core::units::millis;
 use crate::core::{LeaseToken, Outcome, RecordId, key};
 
 /// Renews the lease every third of its length until the returned handle is dropped.
-pub fn keep_alive(store: Arc<dyn Store>, id: RecordId, token: LeaseToken, lease: Duration) -> AbortOnDropHandle<()> {
+pub fn keep_alive(
+    store: Arc<dyn Store>,
+    id: RecordId,
+    token: LeaseToken,
+    lease: Duration,
+    clock: Clock,
+) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::spawn(async move {
         loop {
             tokio::time::sleep(lease / 3).await;
-            match store.renew(&id, token, now_millis() + millis(lease)).await {
+            match store.renew(&id, token, clock.now() + millis(lease)).await {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(scope = %id.scope, key_hash = %key::hash_for_logs(&id.key), "lease lost while the action runs");
@@ -32,11 +39,18 @@ pub fn keep_alive(store: Arc<dyn Store>, id: RecordId, token: LeaseToken, lease:
 
 /// Records an outcome, retrying a store outage for a few seconds; `timed` sees how long
 /// each attempt took (for metrics).
-pub async fn finish(store: &dyn Store, id: &RecordId, token: LeaseToken, outcome: Outcome, timed: impl Fn(Duration)) {
+pub async fn finish(
+    store: &dyn Store,
+    id: &RecordId,
+    token: LeaseToken,
+    outcome: Outcome,
+    clock: Clock,
+    timed: impl Fn(Duration),
+) {
     let mut pause = Backoff::doubling(Duration::from_millis(50), Duration::from_secs(1));
     for attempt in 0..6 {
         let started = Instant::now();
-        let finished = store.finish(id, token, outcome.clone(), now_millis()).await;
+        let finished = store.finish(id, token, outcome.clone(), clock.now()).await;
         timed(started.elapsed());
         match finished {
             Ok(true) => return,

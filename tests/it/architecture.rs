@@ -19,7 +19,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("admin", &["core", "store", "metrics", "host"]),
     ("host", &["core", "store", "backoff", "metrics", "admin", "tls"]),
     ("cli", &["core", "store", "admin", "host"]),
-    ("gateway", &["core", "config", "store", "backoff", "metrics", "host", "admin", "demo", "tls"]),
+    ("layer", &["core", "config", "store", "backoff", "metrics"]),
+    ("gateway", &["core", "config", "store", "backoff", "metrics", "host", "admin", "demo", "tls", "layer"]),
     ("runner", &["core", "config", "store", "backoff", "metrics", "host", "tls"]),
     ("consumer", &["core", "config", "store", "backoff", "metrics", "host", "admin", "runner", "tls"]),
 ];

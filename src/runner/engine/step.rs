@@ -22,6 +22,7 @@ use crate::runner::flow::Step;
 use crate::runner::output::{RecordReport, StepReport, StepResult};
 use crate::runner::source::{self, SourceRecord};
 use crate::runner::template::Context;
+use crate::store::clock::Clock;
 use crate::store::{self, Claim, now_millis, owner};
 
 /// A guard step's record is never forgotten: "at most once, ever" (about a hundred years).
@@ -197,7 +198,7 @@ impl Engine {
     /// the lease renewed meanwhile, judged, and recorded. On the [`Chance::Last`] a
     /// retryable failure is recorded as `needs_review`.
     async fn attempt(&self, unit: &Unit<'_>, token: LeaseToken, known: &Map<String, Value>, chance: Chance) -> Verdict {
-        let renewal = owner::keep_alive(self.store.clone(), unit.id.clone(), token, self.lease);
+        let renewal = owner::keep_alive(self.store.clone(), unit.id.clone(), token, self.lease, Clock::System);
         let call = match self.request(unit, known) {
             Ok(call) => call,
             Err(error) => {
@@ -228,7 +229,7 @@ impl Engine {
 
     /// Records the outcome of the attempt holding `token` (retrying a short store outage).
     async fn finish(&self, unit: &Unit<'_>, token: LeaseToken, outcome: Outcome) {
-        owner::finish(self.store.as_ref(), &unit.id, token, outcome, |_| {}).await;
+        owner::finish(self.store.as_ref(), &unit.id, token, outcome, Clock::System, |_| {}).await;
     }
 
     /// The request to send: `when_known` once this step has captured values, else the create.

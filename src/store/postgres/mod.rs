@@ -112,6 +112,7 @@ mod schema;
 #[cfg(test)]
 mod tests;
 mod tls;
+pub mod transaction;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -306,6 +307,11 @@ impl PostgresStore {
         let values = Values::of(fresh)?;
         let statement = client.prepare_cached(&self.sql.claim).await.map_err(|e| self.db(e))?;
         let row = client.query_opt(&statement, &values.params()).await.map_err(|e| self.db(e))?;
+        self.seen(row)
+    }
+
+    /// What the claim statement's row says.
+    fn seen(&self, row: Option<Row>) -> Result<Seen, Error> {
         let Some(row) = row else { return Ok(Seen::Nothing) };
         if row.try_get(0).map_err(|e| self.db(e))? {
             return Ok(Seen::Inserted);
@@ -563,6 +569,9 @@ struct Statements {
     renew: String,
     finish: String,
     finish_failed: String,
+    /// `finish` for a claim inside a transaction: it fails (division by zero) when it finds
+    /// no row it owns, so the `COMMIT` pipelined behind it rolls everything back.
+    finish_in_tx: String,
     delete: String,
     purge: String,
     stats: String,
@@ -614,6 +623,12 @@ impl Statements {
                 "UPDATE {table} SET version = version + 1, ({}) = ({}) WHERE {owned}",
                 failed.join(", "),
                 placeholders(5, failed.len()),
+            ),
+            finish_in_tx: format!(
+                "WITH f AS (UPDATE {table} SET version = version + 1, ({}) = ({}) WHERE {owned} RETURNING 1)
+                 SELECT 1 / count(*)::int FROM f",
+                finished.join(", "),
+                placeholders(5, finished.len()),
             ),
             delete: format!("DELETE FROM {table} WHERE {pk}"),
             purge: format!(

@@ -1,4 +1,4 @@
-//! Every error answer the gateway emits, in one place: each variant has its status and a
+//! Every error answer the layer (and so the gateway) emits, in one place: each variant has its status and a
 //! stable problem `type` (RFC 9457). Details describe this request only; internal causes
 //! are logged, never sent.
 
@@ -50,6 +50,12 @@ pub enum Problem {
     UpstreamTimeout,
     /// `502 upstream-outcome-unknown`: sent, but the connection broke before an answer.
     UpstreamBroken,
+    /// `500 handler-failed`: the service behind the layer failed (an error, a panic, a
+    /// broken answer). In transactional mode nothing of the request was kept.
+    HandlerFailed,
+    /// `503 handler-timeout`, with `Retry-After`: in transactional mode, the handler did not
+    /// answer within the route's `upstream_timeout` and everything it did was rolled back.
+    HandlerTimeout,
     /// OData Repeatable Requests refusal (`400`, `412` or `501`), with
     /// `Repeatability-Result: rejected`.
     RepeatabilityRejected {
@@ -70,7 +76,8 @@ impl Problem {
             Problem::NotRetained => StatusCode::GONE,
             Problem::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
-            Problem::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::StoreUnavailable | Problem::HandlerTimeout => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
             Problem::UpstreamUnavailable | Problem::UpstreamBroken => StatusCode::BAD_GATEWAY,
             Problem::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Problem::RepeatabilityRejected { status, .. } => *status,
@@ -94,6 +101,8 @@ impl Problem {
             Problem::UpstreamUnavailable => "upstream-unavailable",
             Problem::UpstreamTimeout => "upstream-timeout",
             Problem::UpstreamBroken => "upstream-outcome-unknown",
+            Problem::HandlerFailed => "handler-failed",
+            Problem::HandlerTimeout => "handler-timeout",
             Problem::RepeatabilityRejected { .. } => "repeatability-rejected",
         }
     }
@@ -114,6 +123,8 @@ impl Problem {
             Problem::UpstreamUnavailable => "Upstream unavailable",
             Problem::UpstreamTimeout => "Upstream did not answer in time",
             Problem::UpstreamBroken => "Upstream connection failed after the request was sent",
+            Problem::HandlerFailed => "The service failed to handle the request",
+            Problem::HandlerTimeout => "The service did not answer in time",
             Problem::RepeatabilityRejected { .. } => "Repeatable request rejected",
         }
     }
@@ -147,6 +158,10 @@ impl Problem {
             Problem::UpstreamTimeout | Problem::UpstreamBroken => "The request was sent to the upstream but no \
                 answer arrived; whether it took effect is unknown."
                 .into(),
+            Problem::HandlerFailed => "The service failed while handling this request.".into(),
+            Problem::HandlerTimeout => {
+                "The service did not answer in time; nothing of the request was kept. Retry with the same key.".into()
+            }
             Problem::RepeatabilityRejected { detail, .. } => detail.clone(),
         }
     }
@@ -172,7 +187,7 @@ impl Problem {
             Problem::InFlight { retry_after } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after));
             }
-            Problem::StoreUnavailable => {
+            Problem::StoreUnavailable | Problem::HandlerTimeout => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Problem::RepeatabilityRejected { .. } => {

@@ -1,20 +1,21 @@
 //! Body types: requests and answers are streamed on unprotected routes and buffered
-//! (bounded) on protected ones, behind one boxed body type.
+//! (bounded) on protected ones, behind one boxed body type — axum's, so the layer sits
+//! in front of an axum router without converting anything.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 
 /// Any error a body can fail with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The body type the gateway sends and receives.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+/// The body type the layer hands its inner service and answers with.
+pub type Body = axum::body::Body;
 
 /// A body from bytes already in memory.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Body::from(bytes.into())
 }
 
 /// A streamed body, boxed.
@@ -23,7 +24,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    body.map_err(Into::into).boxed_unsync()
+    Body::new(body)
 }
 
 /// Why a request body could not be read.

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 
 use crate::browser_support::{AdminCalls, BrowserTools, run_tool};
-use crate::support::{Gateway, Upstream, assert_problem, client, idem, send};
+use crate::support::{Gateway, SharedStore, Upstream, assert_problem, client, idem, postgres_store, redis_store, send};
 
 const TOKEN: &str = "s3cret-page-token";
 
@@ -157,18 +157,40 @@ async fn wait_until_expired(admin: &AdminCalls, scope: &str, tenant: &str, key: 
     }
 }
 
-#[tokio::test]
-async fn a_person_finds_reads_forgets_and_settles_records_in_a_browser() {
+/// Where the scenario's records live.
+enum Backend {
+    /// A SQLite file in the gateway's temp dir; the screenshots in docs/ come from this one.
+    Sqlite,
+    /// PostgreSQL or Redis, in a schema or key prefix of the test's own.
+    Shared(SharedStore),
+}
+
+/// The whole scenario: records made by real requests and `idem run`, then a person's
+/// session in the browser, then what a client observes of what the page did.
+async fn a_session_in_the_browser(backend: Backend) {
     let tools = BrowserTools::require();
     let upstream = Upstream::start().await;
-    let gateway = Gateway::builder(&upstream.url(), CONFIG).env("IDEM_ADMIN_TOKEN", TOKEN).start().await;
+    let mut builder = Gateway::builder(&upstream.url(), CONFIG).env("IDEM_ADMIN_TOKEN", TOKEN);
+    // Redis forgets an expired record by itself (its TTL), so a purge may find nothing left.
+    let purged = match &backend {
+        Backend::Shared(store) if store.url.starts_with("redis") => Value::Null,
+        _ => json!(2),
+    };
+    if let Backend::Shared(store) = &backend {
+        builder = builder.store(&store.url);
+    }
+    let gateway = builder.start().await;
     let admin = AdminCalls::new(&gateway.admin(""), TOKEN);
     let dir = tempfile::tempdir().expect("a temp dir");
-    let made = make_records(&gateway, &upstream, &admin, dir.path()).await;
+    let mut made = make_records(&gateway, &upstream, &admin, dir.path()).await;
+    made["expect_purged"] = purged;
     wait_until_expired(&admin, "brief", "acme", "tmp-2").await;
     std::fs::write(dir.path().join("records.json"), made.to_string()).expect("records written");
     // The screenshots in docs/ are made by pointing this at docs/ (README says how).
-    let shots = std::env::var("IDEM_LOG_PAGE_SCREENSHOTS").unwrap_or_else(|_| dir.path().display().to_string());
+    let shots = match (&backend, std::env::var("IDEM_LOG_PAGE_SCREENSHOTS")) {
+        (Backend::Sqlite, Ok(docs)) => docs,
+        _ => dir.path().display().to_string(),
+    };
 
     let mut script = Command::new(tools.python());
     script
@@ -195,6 +217,21 @@ async fn a_person_finds_reads_forgets_and_settles_records_in_a_browser() {
     assert_eq!((settled.status, settled.json()), (201, json!({ "id": "settled-by-hand" })));
     assert_eq!(upstream.calls_for("lost-2").await, 1, "marking completed executes nothing");
     assert!(admin.record("orders", "acme", "inv-1").await.is_some(), "a dismissed Forget kept the record");
+}
+
+#[tokio::test]
+async fn a_person_finds_reads_forgets_and_settles_records_in_a_browser() {
+    a_session_in_the_browser(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn the_page_works_the_same_on_postgres() {
+    a_session_in_the_browser(Backend::Shared(postgres_store())).await;
+}
+
+#[tokio::test]
+async fn the_page_works_the_same_on_redis() {
+    a_session_in_the_browser(Backend::Shared(redis_store())).await;
 }
 
 #[tokio::test]

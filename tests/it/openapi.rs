@@ -70,23 +70,15 @@ async fn malformed_parameters_get_problem_json() {
 async fn the_running_server_matches_its_openapi_document() {
     let tools = BrowserTools::require();
     let upstream = Upstream::start().await;
-    let config = r#"
-        [[routes]]
-        name = "orders"
-        path = "/orders"
-        tenant = { header = "X-Tenant-ID" }
-    "#;
-    let gateway = Gateway::builder(&upstream.url(), config).env("IDEM_ADMIN_TOKEN", TOKEN).start().await;
+    let gateway = Gateway::builder(&upstream.url(), "").env("IDEM_ADMIN_TOKEN", TOKEN).start().await;
     let admin = AdminCalls::new(&gateway.admin(""), TOKEN);
     let http = client();
-    let order = |key: &str| {
-        http.post(gateway.url("/orders")).header("Idempotency-Key", key).header("X-Tenant-ID", "acme").json(&json!({}))
-    };
+    let order = |key: &str| http.post(gateway.url("/orders")).header("Idempotency-Key", key).json(&json!({}));
     assert_eq!(send(order("done-1")).await.status, 201);
     assert_eq!(send(order("done-1")).await.status, 201);
     assert_eq!(send(order("failed-1").header("X-Demo-Status", "503")).await.status, 503);
     assert_eq!(send(order("lost-1").header("X-Demo-Fault", "drop")).await.status, 502);
-    admin.wait_for_status("orders", "acme", "lost-1", "outcome_unknown").await;
+    admin.wait_for_status("default", "", "lost-1", "outcome_unknown").await;
 
     let dir = tempfile::tempdir().expect("a temp dir");
     let mut schemathesis = Command::new(tools.schemathesis());

@@ -140,25 +140,24 @@
     $("token").focus();
   }
 
+  /// Checks the token with one call, then shows the page. A store that is down is said in
+  /// the notice line and the page still opens: its refreshes pick the store up again.
   async function start() {
-    let stats;
+    let stats = null;
     try {
       stats = await api("GET", "v1/stats");
     } catch (error) {
       if (error instanceof Unauthorized) {
         askForToken(sessionStorage.getItem(TOKEN_KEY) ? "That token was refused." : "");
-      } else {
-        $("login").hidden = true;
-        $("main").hidden = false;
-        notice(error instanceof ApiError ? error.message : `The admin API cannot be reached (${error.message}).`, "error");
+        return;
       }
-      return;
+      notice(error instanceof ApiError ? error.message : `The admin API cannot be reached (${error.message}).`, "error");
     }
     $("login").hidden = true;
     $("main").hidden = false;
     $("sign-out").hidden = !sessionStorage.getItem(TOKEN_KEY);
     $("where").textContent = location.host;
-    renderCounts(stats);
+    if (stats) renderCounts(stats);
     startRefreshing();
     await route();
   }

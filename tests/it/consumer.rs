@@ -579,9 +579,9 @@ async fn the_consumer_serves_the_log_page_over_its_records() {
     nats.publish(&format!("{stream}.created"), json!({ "id": "msg-1", "order_id": "o-1" }), None).await;
     eventually("the message delivered", || async { consumer.count("delivered").await == 1 }).await;
 
+    let admin = format!("http://{}", consumer.admin);
     let mut script = std::process::Command::new(tools.python());
-    script
-        .arg(crate::browser_support::repo_file("tests/browser/consumer_page.py"))
-        .args(["--admin", &format!("http://{}", consumer.admin), "--subscriber", "page-sync", "--key", "msg-1"]);
+    script.arg(crate::browser_support::repo_file("tests/browser/consumer_page.py"));
+    script.args(["--admin", &admin, "--subscriber", "page-sync", "--key", "msg-1"]);
     crate::browser_support::run_tool(script, "the browser test (tests/browser/consumer_page.py)");
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Cursor, Error, ListQuery, Store};
+use super::{Cursor, Error, ListQuery, Page, Store};
 use crate::core::{
     ClaimPolicy, Decision, ExecuteReason, Fingerprint, Intent, Lease, LeaseToken, Millis, OnChange, OnUnknown, Outcome,
     Record, RecordId, Replays, Resolution, Status, StoredResponse, Transition, plan_claim,
@@ -32,6 +32,7 @@ macro_rules! conformance_tests {
             live_lease_is_in_flight, dead_owner_is_outcome_unknown, stale_owner_is_fenced_off,
             renew_extends_the_lease, retryable_failure_recovers, expired_record_is_claimed_anew,
             purge_removes_only_expired, unretained_response_is_gone, list_pages_newest_first,
+            list_filters_by_a_literal_key_prefix,
             delete_forgets, resolve_settles_unknown, stats_count_by_scope_and_status,
             tenants_never_meet, responses_round_trip_exactly, changed_payload_is_resent_when_allowed,
             a_new_version_supersedes_any_state_but_a_live_lease, get_many_reads_in_order);
@@ -313,6 +314,30 @@ pub async fn list_pages_newest_first(store: Arc<dyn Store>) {
     assert_eq!(store.list(&prefixed).await.unwrap().records.len(), 1);
     let other_tenant = ListQuery { tenant: Some("t2".into()), limit: 10, ..Default::default() };
     assert!(store.list(&other_tenant).await.unwrap().records.is_empty());
+}
+
+/// The `Key prefix` filter (the Idempotency Log page's): a literal prefix, never a pattern
+/// (`_` and `%` match only themselves), combined with the other filters and paged by cursor.
+pub async fn list_filters_by_a_literal_key_prefix(store: Arc<dyn Store>) {
+    for (i, key) in ["inv_1", "inv%2", "invX3", "inv_4", "other_5"].into_iter().enumerate() {
+        complete(store.as_ref(), key, T0 + i as i64).await;
+    }
+    let keys = |page: &Page| page.records.iter().map(|r| r.id.key.clone()).collect::<Vec<_>>();
+    let underscore = ListQuery { key_prefix: Some("inv_".into()), limit: 1, ..Default::default() };
+    let first = store.list(&underscore).await.unwrap();
+    assert_eq!(keys(&first), ["inv_4"]);
+    let cursor = Cursor::decode(&first.next_cursor.expect("a second page")).expect("cursor decodes");
+    let second = store.list(&ListQuery { cursor: Some(cursor), ..underscore }).await.unwrap();
+    assert_eq!((keys(&second), second.next_cursor), (vec!["inv_1".to_owned()], None));
+    let percent = ListQuery {
+        scope: Some("orders".into()),
+        tenant: Some("t1".into()),
+        status: Some(Status::Completed),
+        key_prefix: Some("inv%".into()),
+        limit: 10,
+        cursor: None,
+    };
+    assert_eq!(keys(&store.list(&percent).await.unwrap()), ["inv%2"]);
 }
 
 /// A deleted record is forgotten: the key executes again (a forced re-send).

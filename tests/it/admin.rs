@@ -182,6 +182,19 @@ async fn metrics_count_requests_by_route_and_decision() {
     assert!(text.contains("idem_upstream_seconds"), "{text}");
     assert!(text.contains("idem_store_seconds"), "{text}");
     assert!(!text.contains("m-1"), "metrics never carry keys:\n{text}");
+
+    // The same counters as JSON, for the Idempotency Log page.
+    let counters = send(http.get(gateway.admin("/v1/decisions"))).await.json();
+    let count = |list: &str, decision: Option<&str>| -> u64 {
+        let entries = counters[list].as_array().expect("a list").iter();
+        let ours = entries.filter(|e| e["route"] == "orders" && decision.is_none_or(|d| e["decision"] == d));
+        ours.map(|e| e["count"].as_u64().expect("a count")).sum()
+    };
+    assert_eq!(count("requests", Some("executed")), 3, "{counters}");
+    assert_eq!(count("requests", Some("replayed")), 2, "{counters}");
+    assert_eq!(count("requests", Some("key_reused")), 1, "{counters}");
+    assert_eq!(count("retry_recoveries", None), 1, "{counters}");
+    assert_eq!(counters["messages"], json!([]), "{counters}");
 }
 
 #[tokio::test]

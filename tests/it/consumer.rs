@@ -564,3 +564,24 @@ async fn sigterm_finishes_the_messages_in_flight() {
     assert_eq!(consumer.count("delivered").await + consumer.count("duplicate").await, 0);
     assert_eq!(upstream.calls().await, 1);
 }
+
+/// The Idempotency Log page on the consumer's admin listener (no token: loopback), driven
+/// in the browser over a delivered message's record (`tests/browser/consumer_page.py`).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_consumer_serves_the_log_page_over_its_records() {
+    let tools = crate::browser_support::BrowserTools::require();
+    let upstream = Upstream::start().await;
+    let stream = format!("IT_{}", unique_suffix());
+    let toml = nats_consumer("page-sync", &stream, &upstream.url(), "message_id = { body = \"/id\" }", "");
+    let consumer = Consumer::start("page-sync", &toml).await;
+    let nats = Nats::connect(&stream).await;
+    nats.wait_for_stream().await;
+    nats.publish(&format!("{stream}.created"), json!({ "id": "msg-1", "order_id": "o-1" }), None).await;
+    eventually("the message delivered", || async { consumer.count("delivered").await == 1 }).await;
+
+    let admin = format!("http://{}", consumer.admin);
+    let mut script = std::process::Command::new(tools.python());
+    script.arg(crate::browser_support::repo_file("tests/browser/consumer_page.py"));
+    script.args(["--admin", &admin, "--subscriber", "page-sync", "--key", "msg-1"]);
+    crate::browser_support::run_tool(script, "the browser test (tests/browser/consumer_page.py)");
+}

@@ -1,11 +1,15 @@
-//! The admin API (SPEC §4): list, show, forget and resolve records, purge, stats,
-//! metrics and probes, on its own listener. `/v1` needs the bearer token when one is
-//! configured; `/metrics`, `/healthz` and `/readyz` stay open for scrapers and probes.
+//! The admin API (SPEC §4): list, show, forget and resolve records, purge, stats, the
+//! decision counters, metrics and probes, on its own listener; and at `/` the Idempotency
+//! Log page that drives it (SPEC §8, [`page`]). `/v1` needs the bearer token when one is
+//! configured; `/metrics`, `/healthz`, `/readyz` and the page stay open. The API is
+//! described by `docs/openapi.json`, served at `/v1/openapi.json`.
 
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +23,13 @@ use subtle::ConstantTimeEq;
 
 use crate::core::{Record, RecordId, Resolution, Status, StoredResponse};
 use crate::store::{self, Cursor, ListQuery, Store, now_millis};
+
+mod decisions;
+mod page;
+
+/// The OpenAPI 3.1 description of every call on the admin listener, kept in the repository
+/// and checked against the running server by the tests.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 /// What the admin API serves from.
 pub struct Admin {
@@ -41,6 +52,8 @@ pub fn router(admin: Arc<Admin>) -> axum::Router {
         .route("/v1/records/{scope}/{key}/resolve", post(resolve))
         .route("/v1/purge", post(purge))
         .route("/v1/stats", get(stats))
+        .route("/v1/decisions", get(decisions))
+        .route("/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route(
             "/v1/routes",
             get(|State(admin): State<Arc<Admin>>| async move { Json(json!({ "routes": admin.routes })) }),
@@ -51,6 +64,8 @@ pub fn router(admin: Arc<Admin>) -> axum::Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(render_metrics))
         .merge(v1)
+        .merge(page::routes())
+        .fallback(|| async { AdminError(StatusCode::NOT_FOUND, "not-found", "No such admin call.".into()) })
         .with_state(admin)
 }
 
@@ -84,13 +99,28 @@ impl From<store::Error> for AdminError {
     }
 }
 
+impl From<QueryRejection> for AdminError {
+    fn from(rejection: QueryRejection) -> Self {
+        bad_request(rejection.body_text())
+    }
+}
+
+impl From<PathRejection> for AdminError {
+    fn from(rejection: PathRejection) -> Self {
+        bad_request(rejection.body_text())
+    }
+}
+
 fn bad_request(detail: impl Into<String>) -> AdminError {
     AdminError(StatusCode::BAD_REQUEST, "bad-request", detail.into())
 }
 
 async fn authorize(State(admin): State<Arc<Admin>>, headers: HeaderMap, request: Request, next: Next) -> Response {
     let Some(expected) = &admin.token else {
-        return next.run(request).await;
+        return match foreign(&headers) {
+            Some(refusal) => refusal.into_response(),
+            None => next.run(request).await,
+        };
     };
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -106,6 +136,33 @@ async fn authorize(State(admin): State<Arc<Admin>>, headers: HeaderMap, request:
                 .into_response();
         response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         response
+    }
+}
+
+/// Without a token (allowed on loopback only) nothing proves that a caller is the
+/// operator, so another site's page must not act through the operator's browser: a request
+/// whose `Origin` is not this listener (cross-site), or that names the listener by a name
+/// that is not loopback (DNS rebinding: another site's name pointed at 127.0.0.1), is
+/// refused. Browsers always send `Origin` on the cross-site requests that could act.
+/// With a token this is not needed: no browser attaches it for another site.
+fn foreign(headers: &HeaderMap) -> Option<AdminError> {
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok())?;
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    let loopback_name = name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost");
+    let origin = headers.get(header::ORIGIN).map(|v| v.to_str().unwrap_or("null"));
+    let same_origin = origin.is_none_or(|o| o == format!("http://{host}") || o == format!("https://{host}"));
+    let refuse = |detail: &str| Some(AdminError(StatusCode::FORBIDDEN, "cross-origin-refused", detail.into()));
+    if !loopback_name {
+        refuse("Without an admin token, the admin API answers only to a loopback address or localhost.")
+    } else if !same_origin {
+        refuse("A page of another origin cannot call the admin API.")
+    } else {
+        None
     }
 }
 
@@ -144,7 +201,11 @@ impl ListParams {
             tenant: self.tenant,
             status,
             key_prefix: self.key_prefix,
-            limit: self.limit.unwrap_or(100),
+            limit: match self.limit {
+                None => 100,
+                Some(limit @ 1..=store::MAX_PAGE) => limit,
+                Some(_) => return Err(bad_request(format!("limit must be between 1 and {}", store::MAX_PAGE))),
+            },
             cursor,
         })
     }
@@ -158,7 +219,11 @@ pub fn parse_status(s: &str) -> Result<Status, String> {
     })
 }
 
-async fn list(State(admin): State<Arc<Admin>>, Query(params): Query<ListParams>) -> Result<Json<Value>, AdminError> {
+async fn list(
+    State(admin): State<Arc<Admin>>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<Value>, AdminError> {
+    let Query(params) = params?;
     let page = admin.store.list(&params.into_query()?).await?;
     let records: Vec<Value> = page.records.iter().map(record_json).collect();
     Ok(Json(json!({ "records": records, "next_cursor": page.next_cursor })))
@@ -172,21 +237,25 @@ pub struct TenantParam {
     tenant: String,
 }
 
-async fn show(
-    State(admin): State<Arc<Admin>>,
-    Path((scope, key)): Path<(String, String)>,
-    Query(t): Query<TenantParam>,
-) -> Result<Json<Value>, AdminError> {
-    let record = admin.store.get(&RecordId::new(scope, t.tenant, key)).await?.ok_or(store::Error::NotFound)?;
+/// `{scope}/{key}?tenant=` as a record id; a malformed path or query is a problem+json 400.
+pub struct Addressed(RecordId);
+
+impl<S: Send + Sync> FromRequestParts<S> for Addressed {
+    type Rejection = AdminError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AdminError> {
+        let Path((scope, key)) = Path::<(String, String)>::from_request_parts(parts, state).await?;
+        let Query(TenantParam { tenant }) = Query::<TenantParam>::from_request_parts(parts, state).await?;
+        Ok(Addressed(RecordId::new(scope, tenant, key)))
+    }
+}
+
+async fn show(State(admin): State<Arc<Admin>>, Addressed(id): Addressed) -> Result<Json<Value>, AdminError> {
+    let record = admin.store.get(&id).await?.ok_or(store::Error::NotFound)?;
     Ok(Json(record_json(&record)))
 }
 
-async fn forget(
-    State(admin): State<Arc<Admin>>,
-    Path((scope, key)): Path<(String, String)>,
-    Query(t): Query<TenantParam>,
-) -> Result<StatusCode, AdminError> {
-    let id = RecordId::new(scope, t.tenant, key);
+async fn forget(State(admin): State<Arc<Admin>>, Addressed(id): Addressed) -> Result<StatusCode, AdminError> {
     if admin.store.delete(&id).await? {
         tracing::info!(scope = %id.scope, "admin: record deleted");
         Ok(StatusCode::NO_CONTENT)
@@ -197,19 +266,22 @@ async fn forget(
 
 async fn resolve(
     State(admin): State<Arc<Admin>>,
-    Path((scope, key)): Path<(String, String)>,
-    Query(t): Query<TenantParam>,
+    Addressed(id): Addressed,
     body: Bytes,
 ) -> Result<Json<Value>, AdminError> {
     let request: Value = serde_json::from_slice(&body).map_err(|e| bad_request(format!("body is not JSON: {e}")))?;
     let resolution = parse_resolution(&request).map_err(bad_request)?;
-    let record = admin.store.resolve(&RecordId::new(scope, t.tenant, key), resolution, now_millis()).await?;
+    let record = admin.store.resolve(&id, resolution, now_millis()).await?;
     Ok(Json(record_json(&record)))
 }
 
 async fn purge(State(admin): State<Arc<Admin>>) -> Json<Value> {
     let removed = crate::host::purge_all(admin.store.as_ref(), &Default::default()).await;
     Json(json!({ "purged": removed }))
+}
+
+async fn decisions(State(admin): State<Arc<Admin>>) -> Json<Value> {
+    Json(decisions::decisions_json(&admin.metrics.render()))
 }
 
 async fn stats(State(admin): State<Arc<Admin>>) -> Result<Json<Value>, AdminError> {
@@ -235,20 +307,15 @@ pub fn parse_resolution(request: &Value) -> Result<Resolution, String> {
     match request.get("action").and_then(Value::as_str) {
         Some("release") => Ok(Resolution::Release),
         Some("complete") => {
+            // JSON does not tell 201 from 201.0 (a client's serializer may write either).
             let status = request
                 .get("status")
-                .and_then(Value::as_u64)
-                .filter(|s| (100..=599).contains(s))
+                .and_then(Value::as_f64)
+                .filter(|s| s.fract() == 0.0 && (100.0..=599.0).contains(s))
                 .ok_or("\"complete\" needs a \"status\" between 100 and 599")? as u16;
             let headers = match request.get("headers") {
                 None | Some(Value::Null) => Vec::new(),
-                Some(Value::Object(map)) => map
-                    .iter()
-                    .map(|(k, v)| match v {
-                        Value::String(s) => Ok((k.to_ascii_lowercase(), s.clone())),
-                        _ => Err(format!("header {k:?} must be a string")),
-                    })
-                    .collect::<Result<_, _>>()?,
+                Some(Value::Object(map)) => map.iter().map(|(k, v)| stored_header(k, v)).collect::<Result<_, _>>()?,
                 Some(_) => return Err("\"headers\" must be an object of strings".into()),
             };
             let body = match (request.get("body"), request.get("body_base64")) {
@@ -262,6 +329,18 @@ pub fn parse_resolution(request: &Value) -> Result<Resolution, String> {
             Ok(Resolution::Complete(StoredResponse { status, headers, body, retained: true }))
         }
         _ => Err("\"action\" must be \"release\" or \"complete\"".into()),
+    }
+}
+
+/// One header of a `complete` resolution, checked now so that the replay can send it: a
+/// valid name, and a value of one byte per character (the stored form) without controls.
+fn stored_header(name: &str, value: &Value) -> Result<(String, String), String> {
+    let Value::String(text) = value else { return Err(format!("header {name:?} must be a string")) };
+    http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("{name:?} is not a valid header name"))?;
+    let bytes: Option<Vec<u8>> = text.chars().map(|c| u8::try_from(c).ok()).collect();
+    match bytes.map(|b| http::HeaderValue::from_bytes(&b)) {
+        Some(Ok(_)) => Ok((name.to_ascii_lowercase(), text.clone())),
+        _ => Err(format!("header {name:?} has a value that cannot be sent (control or non-Latin-1 characters)")),
     }
 }
 
@@ -301,4 +380,33 @@ pub fn record_json(record: &Record) -> Value {
 pub fn rfc3339(at: crate::core::Millis) -> String {
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at.max(0) as u64);
     humantime::format_rfc3339_millis(time).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_resolution;
+    use crate::core::Resolution;
+    use serde_json::json;
+
+    #[test]
+    fn a_completion_reads_status_headers_and_body() {
+        let request = json!({ "action": "complete", "status": 201.0, "headers": { "X-Id": "a" }, "body": { "id": 1 } });
+        let Ok(Resolution::Complete(answer)) = parse_resolution(&request) else { panic!("a completion") };
+        assert_eq!((answer.status, answer.headers), (201, vec![("x-id".to_owned(), "a".to_owned())]));
+        assert_eq!(answer.body, r#"{"id":1}"#);
+        assert!(parse_resolution(&json!({ "action": "complete", "status": 201.5 })).is_err());
+        assert!(parse_resolution(&json!({ "action": "complete", "status": 600 })).is_err());
+    }
+
+    #[test]
+    fn a_header_that_cannot_be_replayed_is_refused_by_name() {
+        let bad_name = json!({ "action": "complete", "status": 200, "headers": { "a b": "x" } });
+        assert_eq!(parse_resolution(&bad_name).unwrap_err(), r#""a b" is not a valid header name"#);
+        let bad_value = json!({ "action": "complete", "status": 200, "headers": { "x-note": "line\nbreak" } });
+        assert!(parse_resolution(&bad_value).unwrap_err().contains(r#""x-note""#));
+        let beyond_latin1 = json!({ "action": "complete", "status": 200, "headers": { "x-note": "€" } });
+        assert!(parse_resolution(&beyond_latin1).is_err());
+        let latin1 = json!({ "action": "complete", "status": 200, "headers": { "x-note": "café" } });
+        assert!(parse_resolution(&latin1).is_ok());
+    }
 }

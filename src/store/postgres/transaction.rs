@@ -235,8 +235,10 @@ impl Transactional {
     }
 
     fn open_answer(&self, mut record: Record) -> Result<Record, Error> {
-        if let (Some(keys), Some(response)) = (&self.keys, record.response.take()) {
-            record.response = Some(keys.open(&record.id, response)?);
+        if let Some(keys) = &self.keys {
+            if let Some(response) = record.response.take() {
+                record.response = Some(keys.open(&record.id, response)?);
+            }
         }
         Ok(record)
     }

@@ -87,7 +87,10 @@ async fn create_order(tx: Tx, Json(order): Json<Order>) -> Result<Response, Fail
 }
 
 /// The baseline: the same insert in a transaction of its own, no key.
-async fn create_order_alone(State(pool): State<deadpool_postgres::Pool>, Json(order): Json<Order>) -> Result<Response, Failed> {
+async fn create_order_alone(
+    State(pool): State<deadpool_postgres::Pool>,
+    Json(order): Json<Order>,
+) -> Result<Response, Failed> {
     let mut client = pool.get().await.map_err(|e| Failed(e.to_string()))?;
     let tx = client.transaction().await?;
     let row = tx.query_one(INSERT, &[&order.sku, &order.qty]).await?;
@@ -125,4 +128,3 @@ fn pool(url: &str) -> anyhow::Result<deadpool_postgres::Pool> {
 async fn shutdown() {
     let _ = tokio::signal::ctrl_c().await;
 }
-

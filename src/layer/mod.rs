@@ -26,6 +26,8 @@ pub mod problem;
 pub mod route;
 mod run_once;
 mod service;
+#[cfg(test)]
+mod tests;
 
 pub use config::{RouteBuilder, routes_from_toml};
 pub use extract::TxMissing;

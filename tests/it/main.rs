@@ -14,6 +14,7 @@ mod durability;
 mod failures;
 mod faults;
 mod keys;
+mod library;
 mod lifecycle;
 mod log_cli;
 mod log_page;

@@ -63,9 +63,9 @@ async fn the_handler_runs_once_and_its_answer_is_replayed() {
 async fn an_expired_record_is_forgotten_when_the_clock_passes_its_ttl() {
     let route = orders().ttl(Duration::from_secs(3600));
     let (app, calls) = app(Arc::new(MemoryStore::default()), route, StatusCode::CREATED);
-    assert_eq!(send(&app, Some("k1"), "a").await.1, false);
+    assert!(!send(&app, Some("k1"), "a").await.1);
     tokio::time::advance(Duration::from_secs(3599)).await;
-    assert_eq!(send(&app, Some("k1"), "a").await.1, true, "still remembered within the TTL");
+    assert!(send(&app, Some("k1"), "a").await.1, "still remembered within the TTL");
     tokio::time::advance(Duration::from_secs(3601)).await;
     assert_eq!(send(&app, Some("k1"), "a").await, (StatusCode::CREATED, false, "call 2: a".into()));
     assert_eq!(calls.load(Ordering::SeqCst), 2);

@@ -118,6 +118,8 @@ pub struct RawDeliver {
     pub flow: Option<String>,
     /// The ordering guard.
     pub version: Option<RawVersion>,
+    /// Run a statement in the store's database instead of a call.
+    pub postgres: Option<super::postgres::RawPostgres>,
 }
 
 /// `deliver.version`.
@@ -155,6 +157,9 @@ pub struct Consumer {
     pub from_flow: bool,
     /// The ordering guard.
     pub version: Option<VersionPointers>,
+    /// `deliver.postgres`: the statement each message runs, in one transaction with its
+    /// record (then `steps` is empty).
+    pub postgres: Option<super::postgres::Target>,
     /// The admin listener and its token.
     pub admin: Option<(SocketAddr, Option<String>)>,
 }
@@ -230,9 +235,9 @@ impl RawConsumer {
             None => (None, None),
         };
         let deliver = p.required("deliver", self.deliver, "[deliver] with url = \"http://127.0.0.1:9000/orders\"");
-        let (steps, from_flow, version) = match (deliver, &subscriber) {
-            (Some(deliver), Some(subscriber)) => deliver.validate(subscriber, base_dir, &mut p),
-            _ => (None, false, None),
+        let (steps, from_flow, version, postgres) = match (deliver, &subscriber) {
+            (Some(deliver), Some(subscriber)) => deliver.validate_any(subscriber, &store, base_dir, &mut p),
+            _ => (None, false, None, None),
         };
         // `[admin]` is off unless the file has the table; then its `listen` is required.
         let admin = self.admin.and_then(|admin| admin.validate(None, env, &mut p));
@@ -249,6 +254,7 @@ impl RawConsumer {
                 steps: steps?,
                 from_flow,
                 version,
+                postgres,
                 admin: admin.map(|admin| (admin.listen, admin.token)),
             })
         };
@@ -322,7 +328,42 @@ impl RawRabbit {
     }
 }
 
+/// What `[deliver]` validates into: the steps, whether they come from a flow, the ordering
+/// guard, and a PostgreSQL target.
+type Delivery = (Option<Vec<Step>>, bool, Option<VersionPointers>, Option<super::postgres::Target>);
+
 impl RawDeliver {
+    /// `[deliver]` with a call, a flow or (`postgres`) a statement.
+    fn validate_any(mut self, subscriber: &str, store: &str, base_dir: &Path, p: &mut Problems) -> Delivery {
+        let Some(postgres) = self.postgres.take() else {
+            let (steps, from_flow, version) = self.validate(subscriber, base_dir, p);
+            return (steps, from_flow, version, None);
+        };
+        let version = self.version.take().and_then(|v| v.validate(p));
+        let flow = self.flow.is_some().then_some("flow");
+        for key in self.call_keys().into_iter().chain(flow) {
+            p.push(
+                &format!("deliver.{key}"),
+                "does not go with deliver.postgres, which runs a statement instead of a call",
+            );
+        }
+        (Some(Vec::new()), false, version, postgres.validate(store, p))
+    }
+
+    /// The keys of a call that are given.
+    fn call_keys(&self) -> Vec<&'static str> {
+        let keys = [
+            ("method", self.method.is_some()),
+            ("url", self.url.is_some()),
+            ("body", self.body.is_some()),
+            ("headers", self.headers.is_some()),
+            ("idempotency_header", self.idempotency_header.is_some()),
+            ("capture", self.capture.is_some()),
+            ("on_unknown", self.on_unknown.is_some()),
+        ];
+        keys.into_iter().filter(|(_, given)| *given).map(|(key, _)| key).collect()
+    }
+
     /// The steps, whether they come from a flow, and the ordering guard.
     fn validate(
         mut self,
@@ -335,16 +376,7 @@ impl RawDeliver {
             let step = flow::validate_step(self.into_step(subscriber), "deliver", p);
             return (step.map(|s| vec![s]), false, version);
         };
-        let beside = [
-            ("method", self.method.is_some()),
-            ("url", self.url.is_some()),
-            ("body", self.body.is_some()),
-            ("headers", self.headers.is_some()),
-            ("idempotency_header", self.idempotency_header.is_some()),
-            ("capture", self.capture.is_some()),
-            ("on_unknown", self.on_unknown.is_some()),
-        ];
-        for (key, _) in beside.iter().filter(|(_, given)| *given) {
+        for key in self.call_keys() {
             p.push(&format!("deliver.{key}"), "comes from the flow's steps when deliver.flow is given");
         }
         let path = base_dir.join(&file);

@@ -23,6 +23,7 @@
 pub mod config;
 pub mod guard;
 pub mod nats;
+pub mod postgres;
 pub mod rabbitmq;
 
 use std::path::PathBuf;
@@ -47,6 +48,7 @@ use crate::runner::flow::{Flow, SourceSpec};
 use crate::runner::output::{RecordReport, StepResult};
 use crate::runner::source::{Input, Source};
 use crate::store::clock::Clock;
+use crate::store::postgres::transaction::Transactional;
 use crate::store::{self, Store, now_millis, owner};
 
 /// The pauses between a broker's reconnection attempts.
@@ -140,9 +142,28 @@ impl Label {
 /// delivered and settled, and the broker connection closes.
 pub async fn run(consumer: Consumer, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
     let stopping = host::cancel_on(shutdown);
-    let Some(store) = host::open_store(&consumer.store, &stopping).await? else { return Ok(()) };
+    let (store, sink) = match &consumer.postgres {
+        None => match host::open_store(&consumer.store, &stopping).await? {
+            Some(store) => (store, None),
+            None => return Ok(()),
+        },
+        Some(target) => {
+            let open = |url: String| async move { Transactional::open(&url).await };
+            let Some((transactional, store)) = host::open_with(&consumer.store, &stopping, open).await? else {
+                return Ok(());
+            };
+            let settings = postgres::Settings {
+                scope: format!("consumer:{}", consumer.subscriber),
+                retention: consumer.retention,
+                lease: consumer.timeout * 2 + Duration::from_secs(1),
+                max_attempts: consumer.max_attempts,
+            };
+            let sink = postgres::Sink::prepare(transactional, store.clone(), target.clone(), settings).await?;
+            (store, Some(sink))
+        }
+    };
     let metrics = crate::metrics::install();
-    let handler = Arc::new(Handler::new(&consumer, store.clone())?);
+    let handler = Arc::new(Handler::new(&consumer, store.clone(), sink)?);
     let closing = CancellationToken::new();
     let (sender, mut inbox) = mpsc::channel::<Inbound>(1);
     let feeder = match &consumer.broker {
@@ -209,11 +230,19 @@ pub async fn run(consumer: Consumer, shutdown: impl Future<Output = ()> + Send +
     Ok(())
 }
 
+/// Where a message goes.
+enum Target {
+    /// Through the runner's engine: `[deliver]`'s call or a flow's steps.
+    Steps(Engine),
+    /// A statement in the store's database (`deliver.postgres`).
+    Postgres(postgres::Sink),
+}
+
 /// Decides, delivers and settles messages: one per call, many at once.
 pub struct Handler {
     subscriber: String,
     store: Arc<dyn Store>,
-    engine: Engine,
+    target: Target,
     /// The scopes of the steps' records, in order.
     scopes: Vec<String>,
     /// The steps whose lost calls may be re-sent (their next delivery re-sends them).
@@ -225,8 +254,8 @@ pub struct Handler {
 }
 
 impl Handler {
-    /// The handler of `consumer`'s messages on `store`.
-    pub fn new(consumer: &Consumer, store: Arc<dyn Store>) -> Result<Self, Error> {
+    /// The handler of `consumer`'s messages on `store`; `sink` when they go into PostgreSQL.
+    pub fn new(consumer: &Consumer, store: Arc<dyn Store>, sink: Option<postgres::Sink>) -> Result<Self, Error> {
         let (name, keys) = if consumer.from_flow {
             (format!("consumer:{}", consumer.subscriber), Keys::Flow)
         } else {
@@ -243,17 +272,29 @@ impl Handler {
             source: SourceSpec { input: Source::Jsonl(Input::Stdin), primary_key: Vec::new() },
             steps: consumer.steps.clone(),
         };
-        let scopes = flow.steps.iter().map(|s| flow.scope(&s.name)).collect();
+        let mut scopes: Vec<String> = flow.steps.iter().map(|s| flow.scope(&s.name)).collect();
         let resendable = flow.steps.iter().filter(|s| unknown_is_safe(s)).map(|s| s.name.clone()).collect();
         let lease = consumer.timeout * 2 + Duration::from_secs(1);
         let guard = consumer.version.clone().map(|pointers| {
             VersionGuard::new(pointers, &consumer.subscriber, store.clone(), consumer.retention, lease)
         });
-        let engine = Engine::new(flow, store.clone(), Mode::Send, keys, Attempts::Lifetime(consumer.max_attempts))?;
+        let target = match sink {
+            Some(sink) => {
+                scopes = vec![sink.scope().to_owned()];
+                Target::Postgres(sink)
+            }
+            None => Target::Steps(Engine::new(
+                flow,
+                store.clone(),
+                Mode::Send,
+                keys,
+                Attempts::Lifetime(consumer.max_attempts),
+            )?),
+        };
         Ok(Self {
             subscriber: consumer.subscriber.clone(),
             store,
-            engine,
+            target,
             scopes,
             resendable,
             message_id: consumer.message_id.clone(),
@@ -322,7 +363,11 @@ impl Handler {
 
     /// Runs the message through the steps and reads the outcome.
     async fn deliver(&self, id: &str, fields: &Map<String, Value>, deliveries: u64) -> (Label, Disposition) {
-        let report = self.engine.process_keyed(0, id.to_owned(), fields).await;
+        let engine = match &self.target {
+            Target::Steps(engine) => engine,
+            Target::Postgres(sink) => return sink.deliver(id, fields, deliveries).await,
+        };
+        let report = engine.process_keyed(0, id.to_owned(), fields).await;
         let (label, disposition) = judge(&report, deliveries, &self.resendable);
         if matches!(label, Label::NeedsReview | Label::Unknown) {
             let why = report.steps.iter().find_map(|s| s.error.as_deref()).unwrap_or("");

@@ -46,9 +46,18 @@ pub fn cancel_on(shutdown: impl Future<Output = ()> + Send + 'static) -> Cancell
 /// backoff and a log line per attempt; `None` when `stopping` came first. A store that
 /// cannot be opened for another reason is an error naming it (password redacted).
 pub async fn open_store(url: &str, stopping: &CancellationToken) -> Result<Option<Arc<dyn Store>>, Error> {
+    open_with(url, stopping, |url| async move { store::open(&url).await }).await
+}
+
+/// [`open_store`] with another opener (e.g. the transactional PostgreSQL store).
+pub async fn open_with<T, F, Fut>(url: &str, stopping: &CancellationToken, open: F) -> Result<Option<T>, Error>
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Result<T, store::Error>>,
+{
     let mut pause = Backoff::doubling(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        match store::open(url).await {
+        match open(url.to_owned()).await {
             Ok(store) => return Ok(Some(store)),
             Err(error) if error.is_retryable() && store::is_networked(url) => {
                 tracing::warn!(store = %store::redact(url), %error, retry_in = ?pause.peek(), "store unreachable at start-up; retrying");

@@ -585,3 +585,88 @@ async fn the_consumer_serves_the_log_page_over_its_records() {
     script.args(["--admin", &admin, "--subscriber", "page-sync", "--key", "msg-1"]);
     crate::browser_support::run_tool(script, "the browser test (tests/browser/consumer_page.py)");
 }
+
+/// `[deliver] postgres` (SPEC §6): each message's statement and its record commit in one
+/// transaction. The statement is a plain `INSERT` into a table keyed by the order id, so a
+/// statement run twice would fail on the key and end `needs_review`: with duplicates
+/// published and the consumer killed with `-9` mid-stream, every order is inserted exactly
+/// once and every record is `completed`.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_delivery_commits_each_message_with_its_record_through_kill_9() {
+    const ORDERS: usize = 120;
+    let store = postgres_store();
+    let table = format!("orders_{}", unique_suffix());
+    let (db, connection) =
+        tokio_postgres::connect(&crate::support::postgres_url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    db.batch_execute(&format!("CREATE TABLE {table} (id TEXT PRIMARY KEY, amount BIGINT NOT NULL)")).await.unwrap();
+    let stream = format!("IT_{}", unique_suffix());
+    let toml = format!(
+        r#"
+        subscriber = "pg-sync"
+        store = "{store}"
+        [source]
+        nats = {{ url = "{nats}", stream = "{stream}", subject = "{stream}.>", durable = "pg-sync", ack_wait = "2s" }}
+        message_id = {{ body = "/order_id" }}
+        [deliver]
+        postgres = {{ statement = "INSERT INTO {table} (id, amount) VALUES ($1, $2)", params = ["/order_id", "/amount"] }}
+        [admin]
+        listen = "127.0.0.1:0"
+        "#,
+        store = store.url,
+        nats = nats_url(),
+    );
+    let mut consumer = Consumer::start("pg-sync", &toml).await;
+    let nats = Nats::connect(&stream).await;
+    nats.wait_for_stream().await;
+    for i in 0..ORDERS {
+        let order = json!({ "order_id": format!("o-{i}"), "amount": i });
+        nats.publish(&format!("{stream}.created"), order.clone(), None).await;
+        if i % 3 == 0 {
+            nats.publish(&format!("{stream}.created"), order, None).await;
+        }
+    }
+    let inserted =
+        || async { db.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get::<_, i64>(0) };
+    eventually("a third of the orders inserted", || async { inserted().await >= (ORDERS / 3) as i64 }).await;
+    consumer.restart().await; // kill -9, then a new process on the same durable consumer
+    // A redelivered copy of an order already inserted is a duplicate, and a message under
+    // a known id with other values is refused for review.
+    nats.publish(&format!("{stream}.created"), json!({ "order_id": "o-1", "amount": 999 }), None).await;
+    eventually("every order inserted", || async { inserted().await == ORDERS as i64 }).await;
+    eventually("the changed copy refused", || async { consumer.count("needs_review").await == 1 }).await;
+    let amount: i64 = db.query_one(&format!("SELECT amount FROM {table} WHERE id = 'o-1'"), &[]).await.unwrap().get(0);
+    assert_eq!(amount, 1, "the changed copy changed nothing");
+    let records = idem_log(&store.url, &["list", "--scope", "consumer:pg-sync", "--json", "--limit", "1000"]).json();
+    let records = records["records"].as_array().expect("a list of records").clone();
+    let completed = records.iter().filter(|r| r["status"] == "completed").count();
+    assert_eq!((completed, records.len()), (ORDERS, ORDERS), "one completed record per order, nothing unknown");
+    db.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_delivery_needs_the_store_to_be_that_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("consumer.toml");
+    let toml = r#"
+        subscriber = "pg-sync"
+        store = "sqlite://./idem.db"
+        [source]
+        nats = { url = "nats://127.0.0.1:4222", stream = "S", subject = "s.>", durable = "d" }
+        [deliver]
+        postgres = { url = "postgres://root@127.0.0.1:5432/other", statement = "SELECT 1", params = ["id"] }
+        url = "http://127.0.0.1:9000"
+        "#;
+    std::fs::write(&file, toml).unwrap();
+    let output = idem().arg("consume").arg(&file).output().expect("idem runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for needle in [
+        "store: must be the PostgreSQL database deliver.postgres writes to",
+        "deliver.postgres.url: must name the store's database",
+        "deliver.postgres.params: invalid JSON pointer \"id\"",
+        "deliver.url: does not go with deliver.postgres",
+    ] {
+        assert!(stderr.contains(needle), "{needle} missing from {stderr}");
+    }
+}

@@ -123,6 +123,13 @@ impl Transactional {
         Ok((Self { store, keys }, plain))
     }
 
+    /// The server's type of each parameter of `statement` (prepared on a pooled connection).
+    pub async fn parameter_types(&self, statement: &str) -> Result<Vec<tokio_postgres::types::Type>, Error> {
+        let client = self.store.client().await?;
+        let prepared = client.prepare_cached(statement).await.map_err(|e| self.store.db(e))?;
+        Ok(prepared.params().to_vec())
+    }
+
     /// Claims `intent` in a new transaction. A duplicate waits up to `wait` for another
     /// transaction holding the key; `lease` bounds how long the transaction may sit idle.
     pub async fn claim(

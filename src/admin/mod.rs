@@ -1,6 +1,6 @@
 //! The admin API (SPEC §4): list, show, forget and resolve records, purge, stats, the
 //! decision counters, metrics and probes, on its own listener; and at `/` the Idempotency
-//! Log page that drives it (SPEC §8, [`page`]). `/v1` needs the bearer token when one is
+//! Log page that drives it (SPEC §8, `page`). `/v1` needs the bearer token when one is
 //! configured; `/metrics`, `/healthz`, `/readyz` and the page stay open. The API is
 //! described by `docs/openapi.json`, served at `/v1/openapi.json`.
 

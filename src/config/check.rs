@@ -65,7 +65,7 @@ pub fn pointer(s: &str) -> Result<(), String> {
     }
 }
 
-/// A list of JSON pointers, each as [`pointer`] checks it.
+/// A list of JSON pointers, each as [`pointer()`] checks it.
 pub fn pointers(list: Vec<String>) -> Result<Vec<String>, String> {
     list.iter().try_for_each(|p| pointer(p))?;
     Ok(list)

@@ -99,8 +99,12 @@ impl VersionGuard {
             lease_ms: millis(self.lease),
             correlation_id: None,
         };
-        let policy =
-            ClaimPolicy { on_unknown: OnUnknown::Retry, on_change: OnChange::Supersede, replays: Replays::Ignore };
+        let policy = ClaimPolicy {
+            on_unknown: OnUnknown::Retry,
+            on_change: OnChange::Supersede,
+            replays: Replays::Ignore,
+            lookup: crate::core::Lookup::None,
+        };
         let claim = match self.store.claim(&intent, policy).await {
             Ok(claim) => claim,
             Err(e) => return Check::Unavailable(e.to_string()),

@@ -171,8 +171,12 @@ impl Sink {
             Ok(params) => params,
             Err(why) => return self.review(&intent, &why).await,
         };
-        let policy =
-            ClaimPolicy { on_unknown: OnUnknown::Review, on_change: OnChange::Reject, replays: Replays::Count };
+        let policy = ClaimPolicy {
+            on_unknown: OnUnknown::Review,
+            on_change: OnChange::Reject,
+            replays: Replays::Count,
+            lookup: crate::core::Lookup::None,
+        };
         let open = match self.transactional.claim(&intent, policy, Duration::ZERO, self.lease).await {
             Ok(TxClaim::Open(open)) => open,
             Ok(TxClaim::Busy) => return (Label::InFlight, Disposition::Retry(super::busy_delay())),
@@ -235,7 +239,9 @@ fn decided(decision: Decision) -> (Label, Disposition) {
     match decision {
         Decision::Replay | Decision::NotRetained => (Label::Duplicate, Disposition::Ack),
         Decision::InFlight | Decision::Execute(_) => (Label::InFlight, Disposition::Retry(super::busy_delay())),
-        Decision::KeyReused | Decision::NeedsReview | Decision::OutcomeUnknown => {
+        // No lookup is configured on this path (its outcome is never unknown), so `Verify`
+        // cannot arise; were it to, the message waits for a person like any unknown one.
+        Decision::KeyReused | Decision::NeedsReview | Decision::OutcomeUnknown | Decision::Verify => {
             (Label::NeedsReview, Disposition::Reject)
         }
     }

@@ -21,6 +21,18 @@ pub enum OnUnknown {
     Retry,
 }
 
+/// Whether the destination can be asked what became of an unknown outcome (a `verify`
+/// lookup is configured for the scope, SPEC §4 "Settling unknown outcomes").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Lookup {
+    /// No lookup: an unknown outcome follows `on_unknown`.
+    #[default]
+    None,
+    /// A lookup is configured: an unknown outcome is settled by asking the destination
+    /// first ([`Decision::Verify`]), whatever `on_unknown` says.
+    Configured,
+}
+
 /// What a completed record does when the same key comes with another payload.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OnChange {
@@ -58,6 +70,8 @@ pub struct ClaimPolicy {
     pub on_change: OnChange,
     /// Whether replays are counted on the record.
     pub replays: Replays,
+    /// Whether an unknown outcome is settled by a lookup.
+    pub lookup: Lookup,
 }
 
 /// Why an intent is executed.
@@ -92,12 +106,23 @@ pub enum Decision {
     OutcomeUnknown,
     /// A failure a person must look at.
     NeedsReview,
+    /// The outcome is unknown and a lookup is configured: the caller now holds the
+    /// record's lease (one verifier at a time, fenced like an execution), asks the
+    /// destination, and `finish`es with what it learnt: `Outcome::Verified` when found,
+    /// `Outcome::Retryable` when absent (released: the next claim executes),
+    /// `Outcome::Unknown` when the lookup failed. It never executes the action.
+    Verify,
 }
 
 impl Decision {
     /// True when the caller holds a lease and must execute.
     pub fn executes(self) -> bool {
         matches!(self, Decision::Execute(_))
+    }
+
+    /// True when the caller holds a lease and must `finish` it: to execute, or to verify.
+    pub fn holds_lease(self) -> bool {
+        self.executes() || self == Decision::Verify
     }
 
     /// True when the intent already has its final answer: replayed, or completed with an
@@ -130,9 +155,10 @@ pub fn decide(existing: Option<&Record>, intent: &Intent, policy: ClaimPolicy) -
             _ => Decision::NotRetained,
         },
         Status::InProgress if record.lease_alive(now) => Decision::InFlight,
-        Status::InProgress | Status::OutcomeUnknown => match policy.on_unknown {
-            OnUnknown::Review => Decision::OutcomeUnknown,
-            OnUnknown::Retry => Decision::Execute(ExecuteReason::UnknownRetry),
+        Status::InProgress | Status::OutcomeUnknown => match (policy.lookup, policy.on_unknown) {
+            (Lookup::Configured, _) => Decision::Verify,
+            (Lookup::None, OnUnknown::Review) => Decision::OutcomeUnknown,
+            (Lookup::None, OnUnknown::Retry) => Decision::Execute(ExecuteReason::UnknownRetry),
         },
         Status::FailedRetryable => Decision::Execute(ExecuteReason::RetryRecovery),
         Status::NeedsReview => Decision::NeedsReview,
@@ -145,7 +171,8 @@ pub fn decide(existing: Option<&Record>, intent: &Intent, policy: ClaimPolicy) -
 pub struct Plan {
     /// What the caller must do.
     pub decision: Decision,
-    /// The caller's lease token: present exactly when the decision executes.
+    /// The caller's lease token: present exactly when the decision holds a lease
+    /// ([`Decision::holds_lease`]: execute or verify).
     pub token: Option<LeaseToken>,
     /// What the store persists.
     pub transition: Transition,
@@ -163,7 +190,7 @@ impl Plan {
 }
 
 /// Plans a claim: [`decide`], a fresh lease token from `new_token` when the decision
-/// executes (and only then), and the [`Transition`] to persist. Every store's `claim` is
+/// holds a lease (and only then), and the [`Transition`] to persist. Every store's `claim` is
 /// this call plus persisting the transition atomically; none decides on its own.
 pub fn plan_claim(
     existing: Option<&Record>,
@@ -172,8 +199,8 @@ pub fn plan_claim(
     new_token: impl FnOnce() -> LeaseToken,
 ) -> Plan {
     let decision = decide(existing, intent, policy);
-    let token = decision.executes().then(new_token);
-    // A decision that does not execute hands out no lease, so the placeholder is never stored.
+    let token = decision.holds_lease().then(new_token);
+    // A decision that holds no lease hands out no token, so the placeholder is never stored.
     let transition = transition(decision, existing, intent, token.unwrap_or(0), policy);
     Plan { decision, token, transition }
 }
@@ -252,6 +279,11 @@ fn transition(
             correlation_id: intent.correlation_id.clone(),
             ..record.clone()
         }),
+        // A verifier takes the lease as an owner would, but executes nothing: the attempt
+        // count and what the record says of the lost attempt stay as they are.
+        (Decision::Verify, Some(record)) => {
+            Transition::Write(Record { status: Status::InProgress, lease, last_seen_at: now, ..record.clone() })
+        }
         (Decision::Replay | Decision::NotRetained, Some(_)) if policy.replays == Replays::Ignore => Transition::None,
         (Decision::Replay | Decision::NotRetained, Some(record)) => {
             Transition::Touch(Record { replay_count: record.replay_count + 1, last_seen_at: now, ..record.clone() })
@@ -265,6 +297,16 @@ fn transition(
         }),
         _ => Transition::None,
     }
+}
+
+/// What a record settled by a lookup says of itself (its `error_summary`), so an audit can
+/// tell a verified answer from an executed one.
+pub fn settled_by_lookup(now: Millis) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(now).unwrap_or(0));
+    format!(
+        "settled by lookup at {}: the destination had it; not executed by idem",
+        humantime::format_rfc3339_millis(at)
+    )
 }
 
 /// Whether an answer with this status is final (stored and replayed) or leaves the key
@@ -396,16 +438,18 @@ mod tests {
         fn only_execute_hands_out_a_lease(
             status in arb_status(), fp in 0u8..3, expires_in in -1_000i64..1_000,
             lease_in in prop::option::of(-1_000i64..1_000), retry in any::<bool>(), retained in any::<bool>(),
+            lookup in any::<bool>(),
         ) {
             let existing = record(status, fp, expires_in, lease_in, retained);
-            let policy = ClaimPolicy { on_unknown: if retry { OnUnknown::Retry } else { OnUnknown::Review }, ..ClaimPolicy::default() };
+            let lookup = if lookup { Lookup::Configured } else { Lookup::None };
+            let policy = ClaimPolicy { on_unknown: if retry { OnUnknown::Retry } else { OnUnknown::Review }, lookup, ..ClaimPolicy::default() };
             let incoming = intent(1);
             let decision = decide(Some(&existing), &incoming, policy);
             let leased = match transition(decision, Some(&existing), &incoming, 42, ClaimPolicy::default()) {
                 Transition::Write(r) => r.lease.map(|l| l.token) == Some(42),
                 _ => false,
             };
-            prop_assert_eq!(decision.executes(), leased);
+            prop_assert_eq!(decision.holds_lease(), leased);
         }
     }
 
@@ -423,8 +467,8 @@ mod tests {
             let plan = plan_claim(existing.as_ref(), &intent(1), policy, || { asked.set(asked.get() + 1); 42 });
             let decision = decide(existing.as_ref(), &intent(1), policy);
             prop_assert_eq!(plan.decision, decision);
-            prop_assert_eq!(asked.get(), usize::from(decision.executes()));
-            prop_assert_eq!(plan.token, decision.executes().then_some(42));
+            prop_assert_eq!(asked.get(), usize::from(decision.holds_lease()));
+            prop_assert_eq!(plan.token, decision.holds_lease().then_some(42));
             prop_assert_eq!(plan.transition, transition(decision, existing.as_ref(), &intent(1), 42, policy));
         }
 
@@ -468,8 +512,12 @@ mod tests {
 
     #[test]
     fn supersede_takes_any_key_a_live_lease_does_not_hold() {
-        let policy =
-            ClaimPolicy { on_unknown: OnUnknown::Retry, on_change: OnChange::Supersede, replays: Replays::Ignore };
+        let policy = ClaimPolicy {
+            on_unknown: OnUnknown::Retry,
+            on_change: OnChange::Supersede,
+            replays: Replays::Ignore,
+            lookup: crate::core::Lookup::None,
+        };
         for status in Status::ALL {
             let lease = (status == Status::InProgress).then_some(-1);
             let mut existing = record(status, 1, 1_000, lease, true);
@@ -584,6 +632,36 @@ mod tests {
         assert_eq!(claimed.response, existing.response, "the previous answer is kept until replaced");
         let in_flight = record(Status::InProgress, 1, 1_000, Some(500), true);
         assert_eq!(decide(Some(&in_flight), &intent(2), resend), Decision::KeyReused);
+    }
+
+    #[test]
+    fn a_lookup_settles_what_is_unknown_and_nothing_else() {
+        let lookup = ClaimPolicy { lookup: Lookup::Configured, ..ClaimPolicy::default() };
+        let retry = ClaimPolicy { on_unknown: OnUnknown::Retry, ..lookup };
+        for (status, lease) in [(Status::OutcomeUnknown, None), (Status::InProgress, Some(-1))] {
+            let mut existing = record(status, 1, 1_000, lease, true);
+            existing.error_summary = Some("sent, never answered".into());
+            for policy in [lookup, retry] {
+                let plan = plan_claim(Some(&existing), &intent(1), policy, || 9);
+                assert_eq!((plan.decision, plan.token), (Decision::Verify, Some(9)), "{status:?}");
+                let Transition::Write(claimed) = plan.transition else { panic!("a verifier takes the lease") };
+                assert_eq!(claimed.status, Status::InProgress);
+                assert_eq!(claimed.lease, Some(Lease { token: 9, locked_until: NOW + 30_000 }));
+                assert_eq!(claimed.attempt_count, existing.attempt_count, "verifying executes nothing");
+                assert_eq!(claimed.error_summary, existing.error_summary);
+            }
+            assert_eq!(decide(Some(&existing), &intent(2), lookup), Decision::KeyReused, "another payload");
+        }
+        let held = record(Status::InProgress, 1, 1_000, Some(5_000), true);
+        assert_eq!(decide(Some(&held), &intent(1), lookup), Decision::InFlight, "one verifier at a time");
+        for status in [Status::Completed, Status::FailedRetryable, Status::NeedsReview] {
+            let existing = record(status, 1, 1_000, None, true);
+            assert_eq!(
+                decide(Some(&existing), &intent(1), lookup),
+                decide(Some(&existing), &intent(1), ClaimPolicy::default())
+            );
+        }
+        assert!(settled_by_lookup(0).starts_with("settled by lookup at 1970-01-01T00:00:00.000Z"));
     }
 
     #[test]

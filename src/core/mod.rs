@@ -11,8 +11,8 @@ pub mod record;
 pub mod units;
 
 pub use decision::{
-    ClaimPolicy, Decision, ExecuteReason, NotResolvable, OnChange, OnUnknown, Plan, Replays, Resolution, Transition,
-    decide, decide_again, is_final_status, plan_claim, resolve,
+    ClaimPolicy, Decision, ExecuteReason, Lookup, NotResolvable, OnChange, OnUnknown, Plan, Replays, Resolution,
+    Transition, decide, decide_again, is_final_status, plan_claim, resolve, settled_by_lookup,
 };
 pub use fingerprint::{Fingerprint, FingerprintSpec};
 pub use record::{Intent, Lease, LeaseToken, Millis, Outcome, Record, RecordId, Status, StoredResponse};

@@ -222,6 +222,15 @@ pub enum Outcome {
         /// What went wrong, without bodies or credentials.
         error: String,
     },
+    /// The action's outcome was unknown and a lookup found it at the destination: the
+    /// answer the lookup gave is replayed from now on, and `note` (an `error_summary`
+    /// saying when and how it was settled) tells an audit it was verified, not executed.
+    Verified {
+        /// The looked-up answer (it carries `Idempotent-Verified: true`).
+        response: StoredResponse,
+        /// What the record says of how it was settled.
+        note: String,
+    },
     /// Sent but never answered: nothing executes until someone resolves it.
     Unknown {
         /// What went wrong, without bodies or credentials.
@@ -238,7 +247,7 @@ impl Outcome {
     /// The status a record takes on this outcome.
     pub fn status(&self) -> Status {
         match self {
-            Outcome::Completed(_) => Status::Completed,
+            Outcome::Completed(_) | Outcome::Verified { .. } => Status::Completed,
             Outcome::Retryable { .. } => Status::FailedRetryable,
             Outcome::Unknown { .. } => Status::OutcomeUnknown,
             Outcome::NeedsReview { .. } => Status::NeedsReview,
@@ -249,7 +258,15 @@ impl Outcome {
     /// the previous answer: only a re-send of a changed payload has one, and it holds what
     /// the destination already knows (captured external ids) until a new answer replaces it.
     pub fn replaces_response(&self) -> bool {
-        matches!(self, Outcome::Completed(_))
+        matches!(self, Outcome::Completed(_) | Outcome::Verified { .. })
+    }
+
+    /// The answer this outcome stores, if any.
+    pub fn response_mut(&mut self) -> Option<&mut StoredResponse> {
+        match self {
+            Outcome::Completed(response) | Outcome::Verified { response, .. } => Some(response),
+            _ => None,
+        }
     }
 
     /// What the outcome writes, as a record: `apply` on a blank in-progress record. Stores
@@ -283,6 +300,10 @@ impl Outcome {
             Outcome::Completed(response) => {
                 record.response = Some(response);
                 record.error_summary = None;
+            }
+            Outcome::Verified { response, note } => {
+                record.response = Some(response);
+                record.error_summary = Some(note);
             }
             Outcome::Retryable { error } | Outcome::Unknown { error } | Outcome::NeedsReview { error } => {
                 record.error_summary = Some(error);

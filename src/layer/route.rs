@@ -63,6 +63,7 @@ impl Route {
             on_unknown: self.on_unknown,
             on_change: crate::core::OnChange::Reject,
             replays: crate::core::Replays::Count,
+            lookup: crate::core::Lookup::None,
         }
     }
 

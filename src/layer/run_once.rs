@@ -107,8 +107,12 @@ impl Idem {
             lease_ms: millis(self.jobs.lease),
             correlation_id: None,
         };
-        let policy =
-            ClaimPolicy { on_unknown: OnUnknown::Review, on_change: OnChange::Reject, replays: Replays::Count };
+        let policy = ClaimPolicy {
+            on_unknown: OnUnknown::Review,
+            on_change: OnChange::Reject,
+            replays: Replays::Count,
+            lookup: crate::core::Lookup::None,
+        };
         let open = match transactional.claim(&intent, policy, self.jobs.wait, self.jobs.lease).await? {
             TxClaim::Open(open) => open,
             TxClaim::Busy => return Err(RunOnceError::InFlight),

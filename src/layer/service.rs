@@ -301,7 +301,7 @@ impl Shared {
                 let retry_after = ((locked_until - now).max(0) as u64).div_ceil(1000).max(1);
                 (Label::InFlight, Problem::InFlight { retry_after }.response())
             }
-            Decision::OutcomeUnknown | Decision::Execute(_) => {
+            Decision::OutcomeUnknown | Decision::Execute(_) | Decision::Verify => {
                 (Label::OutcomeUnknown, Problem::OutcomeUnknown.response())
             }
             Decision::NeedsReview => (Label::Rejected, Problem::NeedsReview.response()),

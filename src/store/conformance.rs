@@ -35,7 +35,8 @@ macro_rules! conformance_tests {
             list_filters_by_a_literal_key_prefix,
             delete_forgets, resolve_settles_unknown, stats_count_by_scope_and_status,
             tenants_never_meet, responses_round_trip_exactly, changed_payload_is_resent_when_allowed,
-            a_new_version_supersedes_any_state_but_a_live_lease, get_many_reads_in_order);
+            a_new_version_supersedes_any_state_but_a_live_lease, get_many_reads_in_order,
+            a_lookup_settles_an_unknown_outcome_under_the_lease, an_absent_or_failed_lookup_settles_nothing);
     };
     (@each $make:expr; $($case:ident),*) => {
         $(
@@ -111,12 +112,70 @@ const REVIEW: ClaimPolicy = ClaimPolicy {
     on_unknown: OnUnknown::Review,
     on_change: crate::core::OnChange::Reject,
     replays: crate::core::Replays::Count,
+    lookup: crate::core::Lookup::None,
 };
 const RETRY: ClaimPolicy = ClaimPolicy {
     on_unknown: OnUnknown::Retry,
     on_change: crate::core::OnChange::Reject,
     replays: crate::core::Replays::Count,
+    lookup: crate::core::Lookup::None,
 };
+
+const LOOKUP: ClaimPolicy = ClaimPolicy { lookup: crate::core::Lookup::Configured, ..REVIEW };
+
+/// Claims `key` and lets the owner die: the record is `in_progress` with a dead lease.
+async fn lose_owner(store: &dyn Store, key: &str) -> RecordId {
+    let claim = store.claim(&intent(key, 1, T0), REVIEW).await.unwrap();
+    assert!(claim.decision.executes());
+    claim.record.unwrap().id
+}
+
+/// A record whose owner died is verified by one caller at a time under a lease; a found
+/// answer completes it with its note, is replayed, and a stale verifier is fenced off.
+pub async fn a_lookup_settles_an_unknown_outcome_under_the_lease(store: Arc<dyn Store>) {
+    let id = lose_owner(store.as_ref(), "k").await;
+    let late = T0 + LEASE + 1;
+    let verify = store.claim(&intent("k", 1, late), LOOKUP).await.unwrap();
+    assert_eq!(verify.decision, Decision::Verify);
+    let token = verify.token.expect("a verifier holds the lease");
+    let held = store.get(&id).await.unwrap().unwrap();
+    assert_eq!((held.status, held.lease.map(|l| l.token), held.attempt_count), (Status::InProgress, Some(token), 1));
+    let other = store.claim(&intent("k", 1, late + 1), LOOKUP).await.unwrap();
+    assert_eq!((other.decision, other.token), (Decision::InFlight, None), "one verifier at a time");
+    // The verifier dies too: the next caller verifies under a fresh lease, the old one is fenced.
+    let again = store.claim(&intent("k", 1, late + LEASE + 1), LOOKUP).await.unwrap();
+    assert_eq!(again.decision, Decision::Verify);
+    let found = Outcome::Verified { response: response(201, r#"{"id":7}"#), note: "settled by lookup".into() };
+    assert!(!store.finish(&id, token, found.clone(), late + LEASE + 2).await.unwrap());
+    assert!(store.finish(&id, again.token.unwrap(), found, late + LEASE + 2).await.unwrap());
+    let settled = store.get(&id).await.unwrap().unwrap();
+    assert_eq!((settled.status, settled.lease), (Status::Completed, None));
+    assert_eq!(settled.response, Some(response(201, r#"{"id":7}"#)));
+    assert_eq!(settled.error_summary.as_deref(), Some("settled by lookup"));
+    assert_eq!(settled.attempt_count, 1, "nothing executed");
+    let replay = store.claim(&intent("k", 1, late + LEASE + 3), LOOKUP).await.unwrap();
+    assert_eq!(replay.decision, Decision::Replay);
+}
+
+/// An absent answer releases the record (the next claim executes it); a failed lookup
+/// leaves it `outcome_unknown`, to be verified again.
+pub async fn an_absent_or_failed_lookup_settles_nothing(store: Arc<dyn Store>) {
+    let id = lose_owner(store.as_ref(), "k").await;
+    let late = T0 + LEASE + 1;
+    let verify = store.claim(&intent("k", 1, late), LOOKUP).await.unwrap();
+    let failed = Outcome::Unknown { error: "lookup answered 500".into() };
+    assert!(store.finish(&id, verify.token.unwrap(), failed, late + 1).await.unwrap());
+    let unknown = store.get(&id).await.unwrap().unwrap();
+    assert_eq!((unknown.status, unknown.lease), (Status::OutcomeUnknown, None));
+    assert_eq!(store.claim(&intent("k", 1, late + 2), REVIEW).await.unwrap().decision, Decision::OutcomeUnknown);
+    let verify = store.claim(&intent("k", 1, late + 3), LOOKUP).await.unwrap();
+    assert_eq!(verify.decision, Decision::Verify);
+    let absent = Outcome::Retryable { error: "released: the lookup found nothing".into() };
+    assert!(store.finish(&id, verify.token.unwrap(), absent, late + 4).await.unwrap());
+    let retry = store.claim(&intent("k", 1, late + 5), LOOKUP).await.unwrap();
+    assert_eq!(retry.decision, Decision::Execute(ExecuteReason::RetryRecovery));
+    assert_eq!(retry.record.unwrap().attempt_count, 2);
+}
 
 /// Claims and completes `key`, returning nothing; panics when the store disagrees.
 async fn complete(store: &dyn Store, key: &str, now: i64) {
@@ -456,6 +515,7 @@ pub async fn a_new_version_supersedes_any_state_but_a_live_lease(store: Arc<dyn 
         on_unknown: OnUnknown::Retry,
         on_change: crate::core::OnChange::Supersede,
         replays: crate::core::Replays::Count,
+        lookup: crate::core::Lookup::None,
     };
     complete(store.as_ref(), "o", T0).await;
     let v2 = store.claim(&intent("o", 2, T0 + 1), supersede).await.unwrap();
@@ -609,6 +669,7 @@ pub async fn finish_is_fenced_as_the_core_says(store: Arc<dyn Seed>) {
     let outcomes = [
         ("completed", Outcome::Completed(response(200, "done"))),
         ("failed", Outcome::Retryable { error: "e2".into() }),
+        ("verified", Outcome::Verified { response: response(200, "found"), note: "settled by lookup".into() }),
     ];
     let mut expected = Vec::new();
     for (name, outcome) in outcomes {
@@ -634,9 +695,15 @@ pub async fn claim_decides_as_the_core_plans(store: Arc<dyn Seed>) {
         ("review", REVIEW),
         (
             "retry-resend",
-            ClaimPolicy { on_unknown: OnUnknown::Retry, on_change: OnChange::Resend, replays: Replays::Ignore },
+            ClaimPolicy {
+                on_unknown: OnUnknown::Retry,
+                on_change: OnChange::Resend,
+                replays: Replays::Ignore,
+                lookup: crate::core::Lookup::None,
+            },
         ),
         ("supersede", ClaimPolicy { on_change: OnChange::Supersede, ..REVIEW }),
+        ("lookup", LOOKUP),
     ];
     for (name, policy) in policies {
         for fp in [1, 2] {

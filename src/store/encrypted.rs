@@ -190,10 +190,10 @@ impl Store for EncryptedStore {
     }
 
     async fn finish(&self, id: &RecordId, token: LeaseToken, outcome: Outcome, now: Millis) -> Result<bool, Error> {
-        let outcome = match outcome {
-            Outcome::Completed(response) => Outcome::Completed(self.keys.seal(id, &response)),
-            other => other,
-        };
+        let mut outcome = outcome;
+        if let Some(response) = outcome.response_mut() {
+            *response = self.keys.seal(id, response);
+        }
         self.inner.finish(id, token, outcome, now).await
     }
 

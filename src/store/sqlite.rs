@@ -387,12 +387,16 @@ fn finish_owned(
     let status = outcome.status();
     let owned = format!("WHERE {OWNED}");
     let changed = match outcome {
-        Outcome::Completed(response) => {
+        Outcome::Completed(_) | Outcome::Verified { .. } => {
+            let finished = outcome.applied_to_blank(id.clone(), now);
+            let (Some(response), note) = (finished.response, finished.error_summary) else {
+                unreachable!("a completed outcome stores an answer")
+            };
             let headers = serde_json::to_string(&response.headers).map_err(unavailable)?;
             conn.prepare_cached(&format!(
                 "UPDATE records SET status = ?5, lease_token = NULL, locked_until = NULL, resp_status = ?6,
                         resp_headers = ?7, resp_body = ?8, resp_retained = ?9, last_seen_at = ?10,
-                        error_summary = NULL {owned}"
+                        error_summary = ?11 {owned}"
             ))
             .and_then(|mut stmt| {
                 stmt.execute(params![
@@ -406,6 +410,7 @@ fn finish_owned(
                     response.body.as_ref(),
                     response.retained,
                     now,
+                    note,
                 ])
             })
         }

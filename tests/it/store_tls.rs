@@ -16,8 +16,12 @@ use serde_json::json;
 use crate::store_servers::{PgCluster, RedisTls, ca_certificates};
 use crate::support::{Authority, Gateway, Upstream, client, idem, send};
 
-const POLICY: ClaimPolicy =
-    ClaimPolicy { on_unknown: OnUnknown::Review, on_change: OnChange::Reject, replays: Replays::Count };
+const POLICY: ClaimPolicy = ClaimPolicy {
+    on_unknown: OnUnknown::Review,
+    on_change: OnChange::Reject,
+    replays: Replays::Count,
+    lookup: idem::core::Lookup::None,
+};
 
 const ROUTES: &str = "[[routes]]\nname = \"orders\"\npath = \"/orders\"\n";
 

@@ -290,6 +290,7 @@ pub(super) fn policy(step: &Step) -> ClaimPolicy {
         on_change: if step.resend_on_change { OnChange::Resend } else { OnChange::Reject },
         // A re-run reads its ledger: skipping a step already sent writes nothing.
         replays: Replays::Ignore,
+        lookup: crate::core::Lookup::None,
     }
 }
 
@@ -345,7 +346,7 @@ pub(super) fn settled(mut report: StepReport, decision: Decision, record: Option
             (StepResult::NeedsReview, Some(why))
         }
         Decision::InFlight => (StepResult::InFlight, Some("another run is still sending this step".to_owned())),
-        Decision::OutcomeUnknown => (
+        Decision::OutcomeUnknown | Decision::Verify => (
             StepResult::Unknown,
             Some(
                 summary().unwrap_or_else(|| "sent earlier and never answered".into())
@@ -366,7 +367,7 @@ pub(super) fn settled(mut report: StepReport, decision: Decision, record: Option
 /// The report of a step that executed, from its last verdict.
 fn finished(mut report: StepReport, verdict: Verdict) -> StepReport {
     match verdict.outcome {
-        Outcome::Completed(_) => report.captures = verdict.captures,
+        Outcome::Completed(_) | Outcome::Verified { .. } => report.captures = verdict.captures,
         Outcome::Retryable { error } => {
             report.result = StepResult::Failed;
             report.error = Some(error);

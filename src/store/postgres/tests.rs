@@ -177,6 +177,7 @@ const REVIEW: ClaimPolicy = ClaimPolicy {
     on_unknown: OnUnknown::Review,
     on_change: crate::core::OnChange::Reject,
     replays: crate::core::Replays::Count,
+    lookup: crate::core::Lookup::None,
 };
 
 #[tokio::test]

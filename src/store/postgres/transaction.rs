@@ -272,10 +272,10 @@ impl OpenClaim {
     pub async fn commit(self, outcome: Outcome, now: Millis) -> Result<(), Error> {
         let store = &self.transactional.store;
         let id = &self.record.id;
-        let outcome = match (outcome, &self.transactional.keys) {
-            (Outcome::Completed(response), Some(keys)) => Outcome::Completed(keys.seal(id, &response)),
-            (outcome, _) => outcome,
-        };
+        let mut outcome = outcome;
+        if let (Some(response), Some(keys)) = (outcome.response_mut(), &self.transactional.keys) {
+            *response = keys.seal(id, response);
+        }
         let finished = outcome.applied_to_blank(id.clone(), now);
         let values = Values::of(&finished)?;
         let all = values.params();

@@ -315,6 +315,10 @@ mod tests {
     fn finish_fields_cover_everything_apply_changes() {
         let outcomes = [
             Outcome::Completed(StoredResponse { status: 200, headers: vec![], body: Bytes::new(), retained: true }),
+            Outcome::Verified {
+                response: StoredResponse { status: 200, headers: vec![], body: Bytes::new(), retained: true },
+                note: "n".into(),
+            },
             Outcome::Retryable { error: "e".into() },
             Outcome::Unknown { error: "e".into() },
             Outcome::NeedsReview { error: "e".into() },

@@ -21,9 +21,13 @@
 //!   gateway's upstream client is one).
 //!
 //! `GET /_demo/stats` reports the calls (in all, by key, by path, by HTTP version);
-//! `POST /_demo/reset` clears them. `--tls-cert`/`--tls-key` make it an HTTPS API.
+//! `POST /_demo/reset` clears them. `GET /_demo/lookup?FIELD=VALUE` searches the answers of
+//! executed calls (the latest [`LOOKUP_KEPT`]): `{"data": [answer, …]}` with every answer
+//! whose `FIELD` (or whose request body's `FIELD`) is `VALUE`, e.g.
+//! `?idempotency_key=k1` or `?order_id=42` — a destination that can say whether an action
+//! happened, for `verify` lookups; it honours `X-Demo-Status` too (a lookup that fails). `--tls-cert`/`--tls-key` make it an HTTPS API.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,7 +58,12 @@ struct Calls {
     by_path: BTreeMap<String, u64>,
     /// Executed calls by HTTP version (`HTTP/1.1`, `HTTP/2.0`): which one a client chose.
     by_version: BTreeMap<String, u64>,
+    /// The answers of executed calls, newest last, for `/_demo/lookup`.
+    answers: VecDeque<Value>,
 }
+
+/// How many executed answers `/_demo/lookup` searches.
+pub const LOOKUP_KEPT: usize = 100_000;
 
 /// The demo's answer bodies: whole, or sent in timed parts that may break off.
 type DemoBody = UnsyncBoxBody<Bytes, Broken>;
@@ -242,6 +251,16 @@ async fn handle(
                 json!({ "calls": c.total, "by_key": c.by_key, "by_path": c.by_path, "by_version": c.by_version });
             return Ok(whole(json_response(StatusCode::OK, &stats)));
         }
+        (&Method::GET, "/_demo/lookup") => {
+            if let Some(status) = header(&parts.headers, "x-demo-status").and_then(|s| s.parse::<u16>().ok()) {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                return Ok(whole(json_response(status, &json!({ "error": "lookup failed on request" }))));
+            }
+            let wanted: Vec<(String, String)> =
+                url::form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes()).into_owned().collect();
+            let data: Vec<Value> = lock().answers.iter().filter(|a| matches_all(a, &wanted)).cloned().collect();
+            return Ok(whole(json_response(StatusCode::OK, &json!({ "data": data }))));
+        }
         (&Method::POST, "/_demo/reset") => {
             *lock() = Calls::default();
             return Ok(whole(json_response(StatusCode::OK, &json!({ "calls": 0 }))));
@@ -275,7 +294,14 @@ async fn handle(
     if let (Some(delay), false) = (delay, fault == Some(Fault::SlowBody)) {
         tokio::time::sleep(delay).await;
     }
-    let response = answer(&parts, &path, key, call, &body);
+    let (response, executed) = answer(&parts, &path, key, call, &body);
+    if response.status().is_success() {
+        let mut calls = lock();
+        if calls.answers.len() == LOOKUP_KEPT {
+            calls.answers.pop_front();
+        }
+        calls.answers.push_back(executed);
+    }
     match fault {
         Some(Fault::Drop) => Err(Broken),
         Some(Fault::ResetAfter) => {
@@ -291,23 +317,45 @@ async fn handle(
     }
 }
 
-/// The answer to an executed call.
-fn answer(parts: &http::request::Parts, path: &str, key: Option<String>, call: u64, body: &[u8]) -> Response<Bytes> {
+/// True when every `FIELD=VALUE` pair names the answer: its own field or its request body's.
+fn matches_all(answer: &Value, wanted: &[(String, String)]) -> bool {
+    let text = |v: Option<&Value>| match v {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Null) | None => None,
+        Some(other) => Some(other.to_string()),
+    };
+    wanted.iter().all(|(field, value)| {
+        [answer.get(field), answer.get("received").and_then(|r| r.get(field))]
+            .into_iter()
+            .any(|v| text(v).as_deref() == Some(value.as_str()))
+    })
+}
+
+/// The answer to an executed call, and what `/_demo/lookup` keeps of it (no padding).
+fn answer(
+    parts: &http::request::Parts,
+    path: &str,
+    key: Option<String>,
+    call: u64,
+    body: &[u8],
+) -> (Response<Bytes>, Value) {
     let status = header(&parts.headers, "x-demo-status")
         .and_then(|s| s.parse::<u16>().ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(if parts.method == Method::POST { StatusCode::CREATED } else { StatusCode::OK });
     let echo: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let size = header(&parts.headers, "x-demo-size").and_then(|s| s.parse::<usize>().ok()).unwrap_or(0).min(64 << 20);
-    let answer = json!({
+    let mut answer = json!({
         "id": format!("demo_{call}"),
         "call": call,
         "method": parts.method.as_str(),
         "path": path,
         "idempotency_key": key,
         "received": echo,
-        "padding": "x".repeat(size),
+        "padding": "",
     });
+    let kept = answer.clone();
+    answer["padding"] = Value::String("x".repeat(size));
     let mut response = json_response(status, &answer);
     let headers = response.headers_mut();
     headers.insert("x-demo-call", header::HeaderValue::from(call));
@@ -315,7 +363,7 @@ fn answer(parts: &http::request::Parts, path: &str, key: Option<String>, call: u
     if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     }
-    response
+    (response, kept)
 }
 
 /// `reset-mid-response`: the head announces the whole answer, half the body follows,

@@ -92,4 +92,6 @@ pub mod layer;
 pub mod metrics;
 pub mod runner;
 pub mod store;
+pub mod template;
 pub mod tls;
+pub mod verify;

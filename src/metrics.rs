@@ -25,6 +25,9 @@ pub const RECORDS: &str = "idem_records";
 pub const MESSAGES: &str = "idem_messages_total";
 /// Messages the broker holds that the subscriber has not received yet.
 pub const CONSUMER_LAG: &str = "idem_consumer_lag";
+/// Lookups that settled (or failed to settle) an unknown outcome, by scope and result
+/// (`found`, `absent`, `failed`).
+pub const VERIFICATIONS: &str = "idem_verifications_total";
 /// Gauge, always 1, labelled `route` and `upstream`: which API each gateway route forwards to.
 pub const ROUTE_UPSTREAM: &str = "idem_route_upstream";
 
@@ -98,6 +101,7 @@ pub fn install() -> PrometheusHandle {
             metrics::describe_histogram!(STORE_SECONDS, metrics::Unit::Seconds, "Store operation time");
             metrics::describe_gauge!(RECORDS, "Records in the store by status");
             metrics::describe_counter!(MESSAGES, "Broker messages by subscriber and decision");
+            metrics::describe_counter!(VERIFICATIONS, "Lookups of unknown outcomes by scope and result");
             metrics::describe_gauge!(CONSUMER_LAG, "Messages waiting in the broker for the subscriber");
             // Histogram samples pile up in the recorder until they are folded into their
             // buckets, which rendering `/metrics` does; nobody may scrape, so a thread folds
@@ -177,6 +181,11 @@ impl Default for StoreMetrics {
 /// Publishes which upstream a route forwards to (`idem_route_upstream{route,upstream} 1`).
 pub fn set_route_upstream(route: &str, upstream: &str) {
     metrics::gauge!(ROUTE_UPSTREAM, "route" => route.to_owned(), "upstream" => upstream.to_owned()).set(1.0);
+}
+
+/// Counts one lookup of an unknown outcome (`result`: `found`, `absent` or `failed`).
+pub fn verification(scope: &str, result: &'static str) {
+    metrics::counter!(VERIFICATIONS, "scope" => scope.to_owned(), "result" => result).increment(1);
 }
 
 /// Sets the record gauges from store stats.

@@ -4,6 +4,7 @@
 //! validators, so a route means one thing however it was written.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use globset::GlobMatcher;
@@ -16,6 +17,8 @@ use crate::config::{self, Alternative, Kind, OneOrMany, Problems, WordOr, check,
 use crate::core::FingerprintSpec;
 use crate::core::OnUnknown;
 use crate::core::key::Normalize;
+use crate::template::Placeholder;
+use crate::verify::RawVerify;
 
 /// `[[routes]]`.
 #[derive(Debug, Default, Deserialize)]
@@ -55,6 +58,8 @@ pub struct RawRoute {
     pub max_stored_response: Option<String>,
     /// Response headers never stored.
     pub replay_header_denylist: Option<Vec<String>>,
+    /// The lookup that settles an unknown outcome.
+    pub verify: Option<RawVerify>,
 }
 
 /// `key = { … }`.
@@ -166,6 +171,7 @@ impl RawRoute {
         let forward_key = forward_key(self.forward_key, &field(at, "forward_key"), p);
         let denylist = self.replay_header_denylist.unwrap_or_else(|| vec!["set-cookie".into()]);
         let replay_denylist = header_names(&denylist, &field(at, "replay_header_denylist"), p);
+        let verify = self.verify.and_then(|raw| lookup(raw, &field(at, "verify"), p));
         if p.len() > problems_before {
             return None;
         }
@@ -190,8 +196,25 @@ impl RawRoute {
             max_body: max_body?,
             max_stored_response: max_stored_response?,
             replay_denylist,
+            verify: verify.map(Arc::new),
         })
     }
+}
+
+/// A route's lookup: a gateway has no earlier steps, so `{{steps.…}}` names nothing.
+/// `{{record.F}}` names a field of the request's JSON body (present on a retry's lookup;
+/// a background lookup has no body, so it fails and waits for the retry).
+fn lookup(raw: RawVerify, at: &str, p: &mut Problems) -> Option<crate::verify::Lookup> {
+    let lookup = raw.validate(at, p)?;
+    for (place, placeholder) in lookup.placeholders() {
+        if matches!(placeholder, Placeholder::Step { .. }) {
+            p.push(
+                &field(at, place),
+                format_args!("{placeholder}: a route has no steps; use {{{{key}}}} or {{{{record.FIELD}}}}"),
+            );
+        }
+    }
+    Some(lookup)
 }
 
 impl RawKey {

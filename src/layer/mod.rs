@@ -28,6 +28,7 @@ mod run_once;
 mod service;
 #[cfg(test)]
 mod tests;
+mod verify;
 
 pub use config::{RouteBuilder, routes_from_toml};
 pub use extract::TxMissing;

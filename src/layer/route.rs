@@ -54,6 +54,8 @@ pub struct Route {
     pub max_stored_response: u64,
     /// Response headers never stored or replayed.
     pub replay_denylist: Vec<HeaderName>,
+    /// The lookup that settles this route's unknown outcomes (`verify = { … }`).
+    pub verify: Option<Arc<crate::verify::Lookup>>,
 }
 
 impl Route {
@@ -63,7 +65,7 @@ impl Route {
             on_unknown: self.on_unknown,
             on_change: crate::core::OnChange::Reject,
             replays: crate::core::Replays::Count,
-            lookup: crate::core::Lookup::None,
+            lookup: if self.verify.is_some() { crate::core::Lookup::Configured } else { crate::core::Lookup::None },
         }
     }
 

@@ -226,7 +226,11 @@ impl Shared {
         if let Some(transactional) = &self.transactional {
             return self.in_transaction(transactional, call, intent, inner).await;
         }
-        let claim = match self.claim(&call.route, intent).await {
+        let claimed = match self.claim(&call.route, intent.clone()).await {
+            Ok(claim) => self.settle_unknown(&call.route, &call.body, claim, intent).await,
+            Err(problem) => Err(problem),
+        };
+        let claim = match claimed {
             Ok(claim) => claim,
             Err(problem) => {
                 metrics.request(Label::Rejected);

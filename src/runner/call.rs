@@ -13,9 +13,9 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::flow::{KeyStrategy, Step};
-use super::template::{Context, Escape};
 use crate::backoff::Backoff;
 use crate::core::{Fingerprint, Outcome, StoredResponse};
+use crate::template::{Context, Escape};
 
 /// A rendered request, ready to send.
 #[derive(Clone, Debug, PartialEq)]

@@ -13,9 +13,9 @@ use http::{HeaderName, Method};
 use serde::Deserialize;
 
 use super::source::{Input, Source};
-use super::template::{JsonTemplate, Part, Placeholder, Template};
 use crate::config::{self, Kind, Problems, check, field, parse_toml};
 use crate::core::OnUnknown;
+use crate::template::{JsonTemplate, Part, Placeholder, Template, url_template};
 
 /// The flow file as written. Every table refuses unknown keys.
 #[derive(Debug, Default, Deserialize)]
@@ -159,7 +159,7 @@ pub struct Step {
     pub name: String,
     /// HTTP method.
     pub method: Method,
-    /// URL template; render it with [`Escape::UrlComponent`](super::template::Escape).
+    /// URL template; render it with [`Escape::UrlComponent`](crate::template::Escape).
     pub url: Template,
     /// Body template; `None` sends the record itself.
     pub body: Option<JsonTemplate>,
@@ -572,33 +572,6 @@ fn segment_name(what: &str, name: &str) -> Result<(), String> {
     if ok { Ok(()) } else { Err(format!("{what} name {name:?} must be 1-100 characters of A-Z, a-z, 0-9, '_', '-'")) }
 }
 
-/// A URL template whose scheme and host are fixed text or at least parse once the
-/// placeholders are filled in.
-fn url_template(s: &str) -> Result<Template, String> {
-    let template = Template::parse(s)?;
-    let prefix = template.literal_prefix().to_ascii_lowercase();
-    let Some(authority) = prefix.strip_prefix("http://").or_else(|| prefix.strip_prefix("https://")) else {
-        return Err(format!("{s:?} must start with http:// or https://, before any placeholder"));
-    };
-    if authority.starts_with('/') {
-        return Err(format!("{s:?} has no host"));
-    }
-    // "1" stands for every value: it fits a host, a port and a path segment alike.
-    let sample: String = template
-        .parts()
-        .iter()
-        .map(|part| match part {
-            Part::Literal(text) => text.as_str(),
-            Part::Placeholder(_) => "1",
-        })
-        .collect();
-    match url::Url::parse(&sample) {
-        Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => Ok(template),
-        Ok(_) => Err(format!("{s:?} has no host")),
-        Err(e) => Err(format!("invalid URL {s:?}: {e}")),
-    }
-}
-
 fn input(file: &str, base_dir: Option<&Path>) -> Result<Input, String> {
     match file {
         "-" => Ok(Input::Stdin),
@@ -631,7 +604,7 @@ mod tests {
     use serde_json::{Map, json};
 
     use super::*;
-    use crate::runner::template::{Context, Escape};
+    use crate::template::{Context, Escape};
 
     const SPEC_EXAMPLE: &str = r#"
 flow = "orders-to-accounting"          # the scope prefix: records are "flow:step"

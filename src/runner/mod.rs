@@ -11,7 +11,6 @@ pub mod flow;
 pub mod output;
 pub mod progress;
 pub mod source;
-pub mod template;
 
 /// `idem run` arguments.
 #[derive(Debug, clap::Args)]

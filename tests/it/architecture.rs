@@ -12,17 +12,22 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("core", &[]),
     ("backoff", &[]),
     ("tls", &[]),
+    ("template", &[]),
     ("config", &["core"]),
     ("store", &["core", "backoff", "tls"]),
     ("metrics", &["core", "store"]),
+    ("verify", &["core", "config", "store", "metrics", "template", "tls"]),
     ("demo", &["tls"]),
     ("admin", &["core", "store", "metrics", "host"]),
     ("host", &["core", "store", "backoff", "metrics", "admin", "tls"]),
     ("cli", &["core", "store", "admin", "host"]),
-    ("layer", &["core", "config", "store", "backoff", "metrics"]),
-    ("gateway", &["core", "config", "store", "backoff", "metrics", "host", "admin", "demo", "tls", "layer"]),
-    ("runner", &["core", "config", "store", "backoff", "metrics", "host", "tls"]),
-    ("consumer", &["core", "config", "store", "backoff", "metrics", "host", "admin", "runner", "tls"]),
+    ("layer", &["core", "config", "store", "backoff", "metrics", "template", "verify"]),
+    ("gateway", &["core", "config", "store", "backoff", "metrics", "host", "admin", "demo", "tls", "layer", "verify"]),
+    ("runner", &["core", "config", "store", "backoff", "metrics", "host", "tls", "template", "verify"]),
+    (
+        "consumer",
+        &["core", "config", "store", "backoff", "metrics", "host", "admin", "runner", "tls", "template", "verify"],
+    ),
 ];
 
 #[test]

@@ -30,3 +30,4 @@ mod support;
 mod tenants;
 mod tls;
 mod transport;
+mod verify;

@@ -21,9 +21,9 @@ use crate::runner::call::{self, Call, Variant, Verdict};
 use crate::runner::flow::Step;
 use crate::runner::output::{RecordReport, StepReport, StepResult};
 use crate::runner::source::{self, SourceRecord};
-use crate::runner::template::Context;
 use crate::store::clock::Clock;
 use crate::store::{self, Claim, now_millis, owner};
+use crate::template::Context;
 
 /// A guard step's record is never forgotten: "at most once, ever" (about a hundred years).
 const GUARD_TTL_MS: Millis = 100 * 365 * 24 * 3600 * 1000;

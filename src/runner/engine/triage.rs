@@ -14,8 +14,8 @@ use crate::core::{Decision, Intent, Record, RecordId, decide};
 use crate::runner::call::{self, Variant};
 use crate::runner::output::{RecordReport, StepReport, StepResult};
 use crate::runner::source::{self, Item, SourceRecord};
-use crate::runner::template::Context;
 use crate::store::now_millis;
+use crate::template::Context;
 
 /// Source items read ahead and checked against the ledger in one store read.
 const BATCH: usize = 1024;

@@ -1,5 +1,6 @@
-//! The runner's templates (SPEC §5): `{{record.FIELD}}`, `{{steps.STEP.CAPTURE}}` and `{{key}}`
-//! in URLs, headers and JSON bodies, parsed once when the flow is loaded and rendered per record.
+//! The templates of SPEC §5: `{{record.FIELD}}`, `{{steps.STEP.CAPTURE}}` and `{{key}}` in URLs,
+//! headers and JSON bodies, parsed once when a file is loaded and rendered per record. The
+//! runner's steps, the consumer's deliveries and every `verify` lookup use them.
 //!
 //! Parsing refuses anything it does not understand, so a typo is caught before the first call;
 //! rendering only looks values up and never panics, whatever the record holds.
@@ -386,6 +387,33 @@ fn toml_to_json(value: &toml::Value, at: String, problems: &mut Vec<JsonTemplate
         toml::Value::Table(table) => Value::Object(
             table.iter().map(|(k, v)| (k.clone(), toml_to_json(v, format!("{at}.{k}"), problems))).collect(),
         ),
+    }
+}
+
+/// A URL template whose scheme and host are fixed text or at least parse once the
+/// placeholders are filled in.
+pub fn url_template(s: &str) -> Result<Template, String> {
+    let template = Template::parse(s)?;
+    let prefix = template.literal_prefix().to_ascii_lowercase();
+    let Some(authority) = prefix.strip_prefix("http://").or_else(|| prefix.strip_prefix("https://")) else {
+        return Err(format!("{s:?} must start with http:// or https://, before any placeholder"));
+    };
+    if authority.starts_with('/') {
+        return Err(format!("{s:?} has no host"));
+    }
+    // "1" stands for every value: it fits a host, a port and a path segment alike.
+    let sample: String = template
+        .parts()
+        .iter()
+        .map(|part| match part {
+            Part::Literal(text) => text.as_str(),
+            Part::Placeholder(_) => "1",
+        })
+        .collect();
+    match url::Url::parse(&sample) {
+        Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => Ok(template),
+        Ok(_) => Err(format!("{s:?} has no host")),
+        Err(e) => Err(format!("invalid URL {s:?}: {e}")),
     }
 }
 

@@ -89,6 +89,23 @@ pub enum LogCommand {
         #[arg(long)]
         body: Option<String>,
     },
+    /// Settle unknown outcomes by asking the destination: run the `verify` lookup of the
+    /// scope (from the gateway, flow or consumer file) on one record, or on every
+    /// outcome_unknown record of the scope.
+    Verify {
+        /// The gateway, flow or consumer file whose `verify` table serves the scope.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// The scope: a route name, FLOW:STEP or consumer:SUBSCRIBER.
+        #[arg(long)]
+        scope: String,
+        /// Only this key (every unknown record of the scope when omitted).
+        #[arg(long)]
+        key: Option<String>,
+        /// The tenant (with --key: empty for requests without one; without: every tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// Remove expired records now.
     Purge,
     /// Count records by scope and status.
@@ -98,6 +115,14 @@ pub enum LogCommand {
 /// Runs `idem log`. A record that is not there, or cannot be settled, is said on stderr
 /// and is an [`Error::Reported`] (exit code 1).
 pub async fn run(args: LogArgs) -> Result<(), Error> {
+    if let LogCommand::Verify { config, .. } = &args.command {
+        // A file that does not read or names a bad lookup is bad input (exit status 2).
+        let text = std::fs::read_to_string(config)
+            .with_context(|| format!("cannot read {}", config.display()))
+            .map_err(Error::BadInput)?;
+        crate::verify::Lookups::from_file(&text, &config.display().to_string())
+            .map_err(|e| Error::BadInput(anyhow::Error::new(e)))?;
+    }
     let result = execute(args).await?;
     result.map_err(|message| {
         eprintln!("{message}");
@@ -150,6 +175,11 @@ async fn execute(args: LogArgs) -> anyhow::Result<Result<(), String>> {
                 Err(e) => return Err(e.into()),
             }
         }
+        LogCommand::Verify { config, scope, key, tenant } => {
+            let text = std::fs::read_to_string(&config)?;
+            let lookups = crate::verify::Lookups::from_file(&text, &config.display().to_string())?;
+            return verify(out, store.as_ref(), &lookups, scope, key, tenant, args.json).await;
+        }
         LogCommand::Purge => {
             let removed = crate::host::purge_all(store.as_ref(), &Default::default()).await;
             if args.json {
@@ -170,6 +200,56 @@ async fn execute(args: LogArgs) -> anyhow::Result<Result<(), String>> {
         }
     }
     Ok(Ok(()))
+}
+
+/// `idem log verify`: one line (or JSON object) per record verified; a lookup that failed,
+/// or a record that cannot be verified, makes the command fail.
+async fn verify(
+    out: &mut impl Write,
+    store: &dyn Store,
+    lookups: &crate::verify::Lookups,
+    scope: String,
+    key: Option<String>,
+    tenant: Option<String>,
+    as_json: bool,
+) -> anyhow::Result<Result<(), String>> {
+    if lookups.get(&scope).is_none() {
+        return Ok(Err(format!("the file gives scope {scope:?} no verify lookup")));
+    }
+    let ids = match key {
+        Some(key) => vec![RecordId::new(&scope, tenant.unwrap_or_default(), key)],
+        None => {
+            let query = |status| ListQuery {
+                scope: Some(scope.clone()),
+                tenant: tenant.clone(),
+                status: Some(status),
+                limit: usize::MAX,
+                ..ListQuery::default()
+            };
+            let mut records = list_all(store, query(crate::core::Status::OutcomeUnknown)).await?;
+            let dead = list_all(store, query(crate::core::Status::InProgress)).await?;
+            records.extend(dead.into_iter().filter(|r| !r.lease_alive(now_millis())));
+            records.into_iter().map(|r| r.id).collect()
+        }
+    };
+    let (mut rows, mut results, mut failed) = (Vec::new(), Vec::new(), 0);
+    for id in ids {
+        let (result, detail) = match crate::admin::verify_now(store, lookups, &id).await {
+            Ok(value) => (value["result"].as_str().unwrap_or_default().to_owned(), value["detail"].clone()),
+            Err(e) => ("refused".to_owned(), Value::String(e.detail().to_owned())),
+        };
+        failed += usize::from(result == "failed" || result == "refused");
+        let text = detail.as_str().unwrap_or("-").to_owned();
+        rows.push(vec![id.tenant.clone(), id.key.clone(), result.clone(), text]);
+        results
+            .push(json!({ "scope": id.scope, "tenant": id.tenant, "key": id.key, "result": result, "detail": detail }));
+    }
+    if as_json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&json!({ "verified": results }))?)?;
+    } else {
+        write_table(out, &["TENANT", "KEY", "RESULT", "DETAIL"], &rows)?;
+    }
+    Ok(if failed == 0 { Ok(()) } else { Err(format!("{failed} record(s) not settled; see above")) })
 }
 
 async fn list_all(store: &dyn Store, mut query: ListQuery) -> anyhow::Result<Vec<Record>> {

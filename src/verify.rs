@@ -8,6 +8,7 @@
 //! like any owner), and a lookup that errors never settles anything.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -219,6 +220,102 @@ impl Finding {
             }
             Finding::Failed(why) => Outcome::Unknown { error: format!("outcome unknown; {why}") },
         }
+    }
+}
+
+/// The lookups an entry point knows, by scope, each with its time budget: what the
+/// reconciler, the admin API and `idem log verify` settle records with.
+#[derive(Clone, Debug, Default)]
+pub struct Lookups(BTreeMap<String, Scoped>);
+
+/// One scope's lookup.
+#[derive(Clone, Debug)]
+pub struct Scoped {
+    /// The lookup.
+    pub lookup: Arc<Lookup>,
+    /// How long it may take (a route's `upstream_timeout`, a flow's `timeout`).
+    pub timeout: Duration,
+}
+
+impl Lookups {
+    /// Adds `scope`'s lookup.
+    pub fn insert(&mut self, scope: impl Into<String>, lookup: Arc<Lookup>, timeout: Duration) {
+        self.0.insert(scope.into(), Scoped { lookup, timeout });
+    }
+
+    /// The lookup of `scope`; an OData client's scope (`ROUTE#CLIENT-ID`) uses its route's.
+    pub fn get(&self, scope: &str) -> Option<&Scoped> {
+        self.0.get(scope).or_else(|| self.0.get(scope.split_once('#')?.0))
+    }
+
+    /// Every scope with a lookup.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Scoped)> {
+        self.0.iter().map(|(scope, scoped)| (scope.as_str(), scoped))
+    }
+
+    /// True when no scope has a lookup.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The lookups a config file names: a gateway's `[[routes]]` (scope = the route's
+    /// name), a flow's `[[steps]]` (`FLOW:STEP`) or a consumer's `[deliver]`
+    /// (`consumer:SUBSCRIBER`). Only the `verify` tables and what names and times them are
+    /// read; each is validated as its own file validates it.
+    pub fn from_file(text: &str, file: &str) -> Result<Lookups, crate::config::Error> {
+        let mut p = Problems::default();
+        let mut lookups = Lookups::default();
+        let doc: toml::Table = match toml::from_str(text) {
+            Ok(doc) => doc,
+            Err(e) => {
+                p.push(file, e.message());
+                return p.finish(crate::config::Kind::Gateway, None);
+            }
+        };
+        let text_of = |t: &toml::Table, k: &str| t.get(k).and_then(toml::Value::as_str).map(str::to_owned);
+        let budget = |t: &toml::Table, k: &str| text_of(t, k).and_then(|d| check::duration(&d).ok());
+        let mut add = |scope: String, table: &toml::Table, at: String, timeout: Duration, p: &mut Problems| {
+            let Some(raw) = table.get("verify") else { return };
+            match RawVerify::deserialize(raw.clone()) {
+                Ok(raw) => {
+                    if let Some(lookup) = raw.validate(&at, p) {
+                        lookups.insert(scope, Arc::new(lookup), timeout);
+                    }
+                }
+                Err(e) => p.push(&at, e.message()),
+            }
+        };
+        let tables = |k: &str| doc.get(k).and_then(toml::Value::as_array).cloned().unwrap_or_default();
+        for (i, route) in tables("routes").iter().filter_map(toml::Value::as_table).enumerate() {
+            let name = text_of(route, "name").unwrap_or_else(|| "default".into());
+            let timeout = budget(route, "upstream_timeout").unwrap_or(Duration::from_secs(30));
+            add(name, route, format!("routes[{i}].verify"), timeout, &mut p);
+        }
+        let flow_timeout = budget(&doc, "timeout").unwrap_or(Duration::from_secs(30));
+        if let Some(flow) = text_of(&doc, "flow") {
+            for (i, step) in tables("steps").iter().filter_map(toml::Value::as_table).enumerate() {
+                let name = text_of(step, "name").unwrap_or_default();
+                add(format!("{flow}:{name}"), step, format!("steps[{i}].verify"), flow_timeout, &mut p);
+            }
+        }
+        if let (Some(subscriber), Some(deliver)) =
+            (text_of(&doc, "subscriber"), doc.get("deliver").and_then(toml::Value::as_table))
+        {
+            add(format!("consumer:{subscriber}"), deliver, "deliver.verify".into(), flow_timeout, &mut p);
+        }
+        p.finish(crate::config::Kind::Gateway, Some(lookups))
+    }
+
+    /// Settles `record` by its scope's lookup (see [`settle`]); `None` when its scope has none.
+    pub async fn settle(
+        &self,
+        store: &dyn Store,
+        record: &Record,
+        client: &reqwest::Client,
+        now: impl Fn() -> Millis,
+    ) -> Result<Option<Settled>, store::Error> {
+        let Some(scoped) = self.get(&record.id.scope) else { return Ok(None) };
+        settle(store, record, &scoped.lookup, client, scoped.timeout, now).await.map(Some)
     }
 }
 

@@ -42,6 +42,8 @@ pub struct Admin {
     /// `GET /v1/routes`: what the entry point protects (the gateway's route table: name,
     /// methods, path, upstream); empty for an entry point without routes.
     pub routes: Vec<Value>,
+    /// The lookups `POST /v1/records/{scope}/{key}/verify` settles with, by scope.
+    pub lookups: crate::verify::Lookups,
 }
 
 /// The admin router.
@@ -50,6 +52,7 @@ pub fn router(admin: Arc<Admin>) -> axum::Router {
         .route("/v1/records", get(list))
         .route("/v1/records/{scope}/{key}", get(show).delete(forget))
         .route("/v1/records/{scope}/{key}/resolve", post(resolve))
+        .route("/v1/records/{scope}/{key}/verify", post(verify))
         .route("/v1/purge", post(purge))
         .route("/v1/stats", get(stats))
         .route("/v1/decisions", get(decisions))
@@ -72,6 +75,13 @@ pub fn router(admin: Arc<Admin>) -> axum::Router {
 /// An admin error, as problem+json.
 #[derive(Debug)]
 pub struct AdminError(StatusCode, &'static str, String);
+
+impl AdminError {
+    /// What went wrong, as the problem's `detail` says it.
+    pub fn detail(&self) -> &str {
+        &self.2
+    }
+}
 
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
@@ -273,6 +283,51 @@ async fn resolve(
     let resolution = parse_resolution(&request).map_err(bad_request)?;
     let record = admin.store.resolve(&id, resolution, now_millis()).await?;
     Ok(Json(record_json(&record)))
+}
+
+async fn verify(State(admin): State<Arc<Admin>>, Addressed(id): Addressed) -> Result<Json<Value>, AdminError> {
+    verify_now(admin.store.as_ref(), &admin.lookups, &id).await.map(Json)
+}
+
+/// Runs the lookup of `id`'s scope now (the admin API's `verify`, `idem log verify`):
+/// `{"result": "found"|"absent"|"failed", "detail": …, "record": …}` with the record as
+/// the finding left it. A record that is not unknown, or a scope without a lookup, is a
+/// `409`.
+pub async fn verify_now(
+    store: &dyn Store,
+    lookups: &crate::verify::Lookups,
+    id: &RecordId,
+) -> Result<Value, AdminError> {
+    use crate::verify::{Finding, Settled};
+    let record = store.get(id).await?.ok_or(store::Error::NotFound)?;
+    let conflict = |kind, detail: String| AdminError(StatusCode::CONFLICT, kind, detail);
+    let client = crate::verify::client().map_err(|e| {
+        tracing::error!(error = %e, "admin: no HTTP client for lookups");
+        AdminError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "lookup-unavailable",
+            "No HTTP client for lookups; see the logs.".into(),
+        )
+    })?;
+    let settled = lookups.settle(store, &record, &client, now_millis).await?;
+    let finding = match settled {
+        None => return Err(conflict("no-lookup", format!("Scope {:?} has no verify lookup configured.", id.scope))),
+        Some(Settled::NotUnknown(decision)) => {
+            let detail = format!(
+                "Only an outcome_unknown record, or an in_progress one whose lease ran out, is verified; this record is {} ({decision:?}).",
+                record.status
+            );
+            return Err(conflict("record-not-unknown", detail));
+        }
+        Some(Settled::Looked(finding)) => finding,
+    };
+    let detail = match &finding {
+        Finding::Failed(why) => Value::String(why.clone()),
+        _ => Value::Null,
+    };
+    let after = store.get(id).await?.ok_or(store::Error::NotFound)?;
+    tracing::info!(scope = %id.scope, result = finding.label(), "admin: record verified");
+    Ok(json!({ "result": finding.label(), "detail": detail, "record": record_json(&after) }))
 }
 
 async fn purge(State(admin): State<Arc<Admin>>) -> Json<Value> {

@@ -192,7 +192,13 @@ pub async fn run(consumer: Consumer, shutdown: impl Future<Output = ()> + Send +
         Some((address, token)) => {
             let listener = host::bind(address, "admin").await?;
             let address = listener.local_addr().map_err(|e| Error::failed("admin listener", e))?;
-            let admin = crate::admin::Admin { store: store.clone(), metrics, token, routes: Vec::new() };
+            let admin = crate::admin::Admin {
+                store: store.clone(),
+                metrics,
+                token,
+                routes: Vec::new(),
+                lookups: crate::verify::Lookups::default(),
+            };
             println!("idem consume {}: admin http://{address}", consumer.subscriber);
             Some(host::serve_admin(listener, admin, host::ADMIN_MAX_CONNECTIONS, closing.clone()))
         }

@@ -117,7 +117,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(host::purge_loop(store.clone(), config.purge_interval, stop.clone()));
     let routes = gateway.publish_routes();
-    let admin = crate::admin::Admin { store, metrics, token: config.admin.token.clone(), routes };
+    let lookups = gateway.layer.lookups();
+    tokio::spawn(crate::layer::reconcile::reconcile(
+        store.clone(),
+        lookups.clone(),
+        gateway.layer.clock(),
+        stop.clone(),
+    ));
+    let admin = crate::admin::Admin { store, metrics, token: config.admin.token.clone(), routes, lookups };
     let admin_server = host::serve_admin(admin_listener, admin, host::ADMIN_MAX_CONNECTIONS, stop.clone());
     if let Some(tls) = &tls {
         tokio::spawn(host::reload_on_hangup(tls.clone(), stopping.clone()));

@@ -23,6 +23,7 @@ mod extract;
 mod identify;
 pub mod odata;
 pub mod problem;
+pub mod reconcile;
 pub mod route;
 mod run_once;
 mod service;
@@ -182,6 +183,23 @@ impl IdemLayer {
     /// The protected routes, in matching order.
     pub fn routes(&self) -> &RouteTable {
         &self.shared.routes
+    }
+
+    /// The lookups of the routes that have one (`verify`), by route name, each with its
+    /// route's `upstream_timeout`: what [`reconcile::reconcile`] and the admin API settle with.
+    pub fn lookups(&self) -> crate::verify::Lookups {
+        let mut lookups = crate::verify::Lookups::default();
+        for route in self.shared.routes.iter() {
+            if let Some(lookup) = &route.verify {
+                lookups.insert(route.name.clone(), lookup.clone(), route.upstream_timeout);
+            }
+        }
+        lookups
+    }
+
+    /// The clock the layer's records are written with.
+    pub fn clock(&self) -> crate::store::clock::Clock {
+        self.shared.clock
     }
 
     /// Where claimed requests run, detached from their client's connection. For a graceful

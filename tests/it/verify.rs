@@ -7,7 +7,7 @@
 
 use serde_json::json;
 
-use crate::support::{Gateway, Upstream, assert_problem, client, send};
+use crate::support::{Gateway, Upstream, assert_problem, client, idem_log, send};
 
 /// One route whose unknown outcomes are settled by searching the demo upstream by key.
 /// `extra` goes into the `verify` table.
@@ -120,4 +120,80 @@ async fn a_lookup_that_is_not_a_read_is_bad_input() {
     }
     let search = routes(&upstream, r#", method = "POST", read_only = true"#);
     let _gateway = Gateway::start(&upstream.url(), &search).await;
+}
+
+#[tokio::test]
+async fn the_reconciler_settles_unknown_outcomes_nobody_retried() {
+    let upstream = Upstream::start().await;
+    let mut gateway = Gateway::start(&upstream.url(), &routes(&upstream, "")).await;
+    lose_answer(&gateway, "quiet-1", "drop").await;
+    lose_answer(&gateway, "quiet-2", "reset").await;
+    // A gateway scans its store for unknown outcomes when it starts.
+    gateway.kill9();
+    gateway.restart().await;
+    let found = gateway.wait_for_status("orders", "quiet-1", "completed").await;
+    assert!(found["error_summary"].as_str().unwrap_or_default().starts_with("settled by lookup"), "{found}");
+    let released = gateway.wait_for_status("orders", "quiet-2", "failed_retryable").await;
+    assert!(released["error_summary"].as_str().unwrap_or_default().contains("the lookup found nothing"), "{released}");
+    assert_eq!((upstream.calls_for("quiet-1").await, upstream.calls_for("quiet-2").await), (1, 0));
+
+    let replay = send(post(&gateway, "quiet-1")).await;
+    assert!(replay.replayed(), "{replay:?}");
+    assert_eq!(replay.header("idempotent-verified"), Some("true"));
+    let executed = send(post(&gateway, "quiet-2")).await;
+    assert_eq!((executed.status, executed.replayed()), (201, false), "{executed:?}");
+    assert_eq!((upstream.calls_for("quiet-1").await, upstream.calls_for("quiet-2").await), (1, 1));
+}
+
+#[tokio::test]
+async fn operators_run_a_lookup_on_demand_through_the_admin_api() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), &routes(&upstream, "")).await;
+    lose_answer(&gateway, "admin-1", "drop").await;
+
+    let verified = send(client().post(gateway.admin("/v1/records/orders/admin-1/verify"))).await;
+    assert_eq!(verified.status, 200, "{verified:?}");
+    let verified = verified.json();
+    assert_eq!(verified["result"], "found", "{verified}");
+    assert_eq!(verified["record"]["status"], "completed", "{verified}");
+    assert!(verified["record"]["error_summary"].as_str().unwrap_or_default().starts_with("settled by lookup"));
+    let again = send(client().post(gateway.admin("/v1/records/orders/admin-1/verify"))).await;
+    assert_problem(&again, 409, "record-not-unknown");
+    let missing = send(client().post(gateway.admin("/v1/records/orders/nobody/verify"))).await;
+    assert_eq!(missing.status, 404, "{missing:?}");
+    let replay = send(post(&gateway, "admin-1")).await;
+    assert!(replay.replayed() && replay.header("idempotent-verified") == Some("true"), "{replay:?}");
+    assert_eq!(upstream.calls_for("admin-1").await, 1);
+}
+
+#[tokio::test]
+async fn idem_log_verify_settles_a_scope_from_the_config_file() {
+    let upstream = Upstream::start().await;
+    let config = routes(&upstream, "");
+    let gateway = Gateway::start(&upstream.url(), &config).await;
+    lose_answer(&gateway, "cli-1", "drop").await;
+    lose_answer(&gateway, "cli-2", "reset").await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let file = dir.path().join("idem.toml");
+    std::fs::write(&file, &config).expect("written");
+    let file = file.display().to_string();
+
+    let one =
+        idem_log(gateway.store_url(), &["verify", "--config", &file, "--scope", "orders", "--key", "cli-1", "--json"]);
+    assert_eq!(one.json()["verified"][0]["result"], "found", "{one:?}");
+    let rest = idem_log(gateway.store_url(), &["verify", "--config", &file, "--scope", "orders", "--json"]);
+    let rest = rest.json();
+    assert_eq!(rest["verified"].as_array().map(Vec::len), Some(1), "only the unknown one is left: {rest}");
+    assert_eq!(
+        (rest["verified"][0]["key"].as_str(), rest["verified"][0]["result"].as_str()),
+        (Some("cli-2"), Some("absent"))
+    );
+    assert_eq!(gateway.record("orders", "cli-1").await.expect("a record")["status"], "completed");
+    assert_eq!(gateway.record("orders", "cli-2").await.expect("a record")["status"], "failed_retryable");
+
+    std::fs::write(dir.path().join("bad.toml"), routes(&upstream, r#", method = "PUT""#)).expect("written");
+    let bad = dir.path().join("bad.toml").display().to_string();
+    let refused = idem_log(gateway.store_url(), &["verify", "--config", &bad, "--scope", "orders"]);
+    assert_eq!(refused.code, Some(2), "{refused:?}");
+    assert!(refused.stderr.contains("routes[0].verify.method"), "{refused:?}");
 }

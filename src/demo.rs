@@ -289,11 +289,6 @@ async fn handle(
     let delay = header(&parts.headers, "x-demo-delay")
         .and_then(|d| humantime::parse_duration(&d).ok())
         .map(|d| d.min(Duration::from_secs(600)));
-    // The call has taken effect; only its answer is late (the case idem exists for).
-    // `slow-body` spends the delay on the body instead.
-    if let (Some(delay), false) = (delay, fault == Some(Fault::SlowBody)) {
-        tokio::time::sleep(delay).await;
-    }
     let (response, executed) = answer(&parts, &path, key, call, &body);
     if response.status().is_success() {
         let mut calls = lock();
@@ -301,6 +296,12 @@ async fn handle(
             calls.answers.pop_front();
         }
         calls.answers.push_back(executed);
+    }
+    // The call has taken effect (a lookup finds it from now on); only its answer is late
+    // (the case idem exists for).
+    // `slow-body` spends the delay on the body instead.
+    if let (Some(delay), false) = (delay, fault == Some(Fault::SlowBody)) {
+        tokio::time::sleep(delay).await;
     }
     match fault {
         Some(Fault::Drop) => Err(Broken),

@@ -120,6 +120,8 @@ pub struct RawDeliver {
     pub version: Option<RawVersion>,
     /// Run a statement in the store's database instead of a call.
     pub postgres: Option<super::postgres::RawPostgres>,
+    /// The lookup that settles a delivery sent but never answered, on redelivery.
+    pub verify: Option<crate::verify::RawVerify>,
 }
 
 /// `deliver.version`.
@@ -360,6 +362,7 @@ impl RawDeliver {
             ("idempotency_header", self.idempotency_header.is_some()),
             ("capture", self.capture.is_some()),
             ("on_unknown", self.on_unknown.is_some()),
+            ("verify", self.verify.is_some()),
         ];
         keys.into_iter().filter(|(_, given)| *given).map(|(key, _)| key).collect()
     }
@@ -398,6 +401,7 @@ impl RawDeliver {
             when_known: None,
             guard: None,
             on_unknown: self.on_unknown,
+            verify: self.verify,
         }
     }
 }

@@ -279,7 +279,10 @@ impl Handler {
             steps: consumer.steps.clone(),
         };
         let mut scopes: Vec<String> = flow.steps.iter().map(|s| flow.scope(&s.name)).collect();
-        let resendable = flow.steps.iter().filter(|s| unknown_is_safe(s)).map(|s| s.name.clone()).collect();
+        // A lost call is tried again on redelivery when re-sending it is safe, or when its
+        // lookup may still settle it (a lookup that failed asks again next time).
+        let resendable =
+            flow.steps.iter().filter(|s| unknown_is_safe(s) || s.verify.is_some()).map(|s| s.name.clone()).collect();
         let lease = consumer.timeout * 2 + Duration::from_secs(1);
         let guard = consumer.version.clone().map(|pointers| {
             VersionGuard::new(pointers, &consumer.subscriber, store.clone(), consumer.retention, lease)

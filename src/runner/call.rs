@@ -220,6 +220,19 @@ pub fn judge(step: &Step, call: &Call, answer: Answer, known: &Map<String, Value
     }
 }
 
+/// What a step stores of a lookup's found answer: its captures, as a sent call's answer
+/// would give them (`{"captures": {…}}`), marked as verified.
+pub fn verified(step: &Step, found: &StoredResponse) -> (StoredResponse, Map<String, Value>) {
+    let captures = capture(step, &found.body);
+    let stored = StoredResponse {
+        status: found.status,
+        headers: vec![(crate::verify::VERIFIED_HEADER.to_owned(), "true".to_owned())],
+        body: Bytes::from(json!({ "captures": captures }).to_string()),
+        retained: true,
+    };
+    (stored, captures)
+}
+
 /// The captures a stored response holds (`{"captures": {…}}`).
 pub fn stored_captures(response: Option<&StoredResponse>) -> Map<String, Value> {
     response

@@ -94,6 +94,8 @@ pub struct RawStep {
     pub guard: Option<bool>,
     /// What a call sent but never answered becomes.
     pub on_unknown: Option<OnUnknown>,
+    /// The lookup that settles a call sent but never answered.
+    pub verify: Option<crate::verify::RawVerify>,
 }
 
 /// `when_known = { method = "…", url = "…", body = … }`.
@@ -179,6 +181,8 @@ pub struct Step {
     pub guard: bool,
     /// What a call sent but never answered becomes.
     pub on_unknown: OnUnknown,
+    /// The lookup that settles a call sent but never answered (`verify = { … }`).
+    pub verify: Option<std::sync::Arc<crate::verify::Lookup>>,
 }
 
 /// The update made for a record whose step already captured its external ids.
@@ -364,7 +368,11 @@ impl RawStep {
         };
         settings.check(at, p);
 
-        let (references, update_references) = step_references(at, &url, &headers, &body, &when_known);
+        let verify = self.verify.and_then(|raw| raw.validate(&field(at, "verify"), p));
+        let (mut references, update_references) = step_references(at, &url, &headers, &body, &when_known);
+        if let Some(lookup) = &verify {
+            references.extend(lookup.placeholders().into_iter().map(|(place, p)| (format!("{at}.verify.{place}"), p)));
+        }
         let this = name.as_deref().map(|name| (name, capture.as_slice()));
         check_references(p, earlier, this, references, update_references);
 
@@ -384,6 +392,7 @@ impl RawStep {
             when_known: when_known.flatten(),
             guard: settings.guard,
             on_unknown: settings.on_unknown.unwrap_or_default(),
+            verify: verify.map(std::sync::Arc::new),
         })
     }
 }

@@ -26,6 +26,9 @@ pub enum StepResult {
     NeedsReview,
     /// Still failing retryably after `max_attempts`; the next run tries again.
     Failed,
+    /// Sent but never answered in an earlier run; its lookup found it at the destination
+    /// (`verify`): settled, not sent again.
+    Verified,
     /// Sent but never answered, and re-sending is not safe.
     Unknown,
     /// Another runner (or consumer) was still sending this step when this one gave up
@@ -47,6 +50,7 @@ impl StepResult {
             StepResult::ChangedNotResent => "changed_not_resent",
             StepResult::NeedsReview => "needs_review",
             StepResult::Failed => "failed",
+            StepResult::Verified => "verified",
             StepResult::Unknown => "unknown",
             StepResult::InFlight => "in_flight",
             StepResult::SkippedAfterFailure => "skipped_after_failure",
@@ -62,6 +66,7 @@ impl StepResult {
                 | StepResult::AlreadySent
                 | StepResult::Resent
                 | StepResult::ChangedNotResent
+                | StepResult::Verified
                 | StepResult::WouldSend
         )
     }
@@ -153,6 +158,8 @@ pub struct Summary {
     pub resent: u64,
     /// Steps whose record changed but which do not re-send.
     pub changed_not_resent: u64,
+    /// Steps whose unknown outcome a lookup settled (found at the destination).
+    pub verified: u64,
     /// Attempts beyond the first of a step (retries).
     pub retried: u64,
     /// Records that need a person (needs review, failed or unknown).
@@ -181,6 +188,7 @@ impl Summary {
                 StepResult::Resent => self.resent += 1,
                 StepResult::ChangedNotResent => self.changed_not_resent += 1,
                 StepResult::WouldSend => self.would_send += 1,
+                StepResult::Verified => self.verified += 1,
                 _ => {}
             }
         }
@@ -202,6 +210,7 @@ impl Summary {
             ("skipped (already sent)", self.already_sent),
             ("re-sent on change", self.resent),
             ("changed, not re-sent", self.changed_not_resent),
+            ("settled by lookup", self.verified),
             ("retried", self.retried),
             ("needs review", self.needs_review),
             ("bad source lines", self.bad_lines),

@@ -670,3 +670,29 @@ async fn postgres_delivery_needs_the_store_to_be_that_database() {
         assert!(stderr.contains(needle), "{needle} missing from {stderr}");
     }
 }
+
+/// A delivery sent and never answered, without an idempotency header (not safe to re-send):
+/// with a `verify` lookup its redelivery asks the endpoint, finds the order there, and is
+/// acknowledged as delivered; the order is executed once.
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_a_lost_delivery_is_settled_by_its_lookup_on_redelivery() {
+    let upstream = Upstream::start().await;
+    let stream = format!("IT_{}", unique_suffix());
+    let url = upstream.url();
+    let deliver = format!(
+        "idempotency_header = \"\"\nheaders = {{ X-Demo-Fault = \"drop\" }}\n\
+         verify = {{ url = \"{url}/_demo/lookup?order_id={{{{record.order_id}}}}\", found = \"/data/0\" }}"
+    );
+    let toml = nats_consumer("lost-sync", &stream, &url, "message_id = { body = \"/id\" }", &deliver);
+    let consumer = Consumer::start("lost-sync", &toml).await;
+    let nats = Nats::connect(&stream).await;
+    nats.wait_for_stream().await;
+    nats.publish(&format!("{stream}.created"), json!({ "id": "m-1", "order_id": "o-1" }), None).await;
+    eventually("the lost delivery settled", || async { consumer.count("delivered").await == 1 }).await;
+    assert_eq!(consumer.count("retry").await, 1, "the first delivery lost its answer: {}", consumer.logs());
+    assert_eq!(upstream.stats().await["by_path"]["/orders/o-1"], 1, "executed once");
+    let store = format!("sqlite://{}", consumer.dir.path().join("idem.db").display());
+    let record = idem_log(&store, &["show", "--scope", "consumer:lost-sync", "--key", "m-1", "--json"]).json();
+    assert_eq!(record["status"], "completed", "{record}");
+    assert!(record["error_summary"].as_str().unwrap_or_default().starts_with("settled by lookup"), "{record}");
+}

@@ -197,3 +197,102 @@ async fn idem_log_verify_settles_a_scope_from_the_config_file() {
     assert_eq!(refused.code, Some(2), "{refused:?}");
     assert!(refused.stderr.contains("routes[0].verify.method"), "{refused:?}");
 }
+
+/// `idem run` killed with `-9` while calls without an idempotency header are in flight:
+/// today those are left for a person; with a lookup the re-run settles each by asking the
+/// destination, sends nothing twice, carries the found ids to the next step, exits 0.
+#[tokio::test]
+async fn a_killed_run_settles_its_unknown_steps_by_lookup_and_sends_nothing_twice() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let store = format!("sqlite://{}", dir.path().join("idem.db").display());
+    let url = upstream.url();
+    let flow = format!(
+        r#"flow = "f"
+store = "{store}"
+concurrency = 2
+timeout = "1s"
+
+[source]
+jsonl = "data.jsonl"
+primary_key = ["id"]
+
+[[steps]]
+name = "invoice"
+url = "{url}/invoices"
+body = {{ order = "{{{{record.id}}}}" }}
+idempotency_header = ""
+headers = {{ X-Demo-Delay = "300ms" }}
+capture = {{ invoice_id = "/id" }}
+verify = {{ url = "{url}/_demo/lookup?path=/invoices&order={{{{record.id}}}}", found = "/data/0", status = 201 }}
+
+[[steps]]
+name = "notify"
+url = "{url}/notify"
+body = {{ invoice = "{{{{steps.invoice.invoice_id}}}}" }}
+"#
+    );
+    std::fs::write(dir.path().join("flow.toml"), flow).expect("flow written");
+    let lines: Vec<String> = (1..=12).map(|i| format!(r#"{{"id": "o-{i}"}}"#)).collect();
+    std::fs::write(dir.path().join("data.jsonl"), lines.join("\n") + "\n").expect("data written");
+    let run = || {
+        crate::support::idem()
+            .arg("run")
+            .arg("flow.toml")
+            .args(["--report", "report.json"])
+            .current_dir(dir.path())
+            .output()
+            .expect("idem run runs")
+    };
+
+    let mut child = crate::support::idem()
+        .arg("run")
+        .arg("flow.toml")
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("idem run starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    // The demo counts a call when it executes it, then answers 300 ms later: killed now,
+    // the calls it just executed are sent and never answered.
+    while upstream.calls().await < 5 {
+        assert!(std::time::Instant::now() < deadline, "the run made no progress");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("reaped");
+    let cut_off = idem_log(&store, &["list", "--scope", "f:invoice", "--status", "in_progress", "--json"]).json();
+    let cut_off: Vec<String> = cut_off["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| r["key"].as_str().expect("a key").to_owned())
+        .collect();
+    assert!(!cut_off.is_empty(), "calls were in flight when the run was killed");
+
+    let resumed = run();
+    let stdout = String::from_utf8_lossy(&resumed.stdout);
+    assert_eq!(resumed.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(stdout.contains(&format!("settled by lookup: {}\n", cut_off.len())), "{stdout}");
+    for i in 1..=12 {
+        let found = send(client().get(format!("{url}/_demo/lookup?path=/invoices&order=o-{i}"))).await.json();
+        assert_eq!(found["data"].as_array().map(Vec::len), Some(1), "o-{i} sent exactly once: {found}");
+    }
+    assert_eq!(upstream.stats().await["by_path"]["/notify"], 12, "every record went on to its next step");
+    let report = std::fs::read_to_string(dir.path().join("report.json")).expect("a report");
+    for key in &cut_off {
+        let line: serde_json::Value = report
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON"))
+            .find(|l| l["key"] == key.as_str())
+            .expect("a line");
+        assert_eq!(line["steps"][0]["result"], "verified", "{line}");
+        let record = idem_log(&store, &["show", "--scope", "f:invoice", "--key", key, "--json"]).json();
+        assert_eq!(record["status"], "completed", "{record}");
+        assert!(record["error_summary"].as_str().unwrap_or_default().starts_with("settled by lookup"), "{record}");
+    }
+    let again = run();
+    assert_eq!(again.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("calls sent: 0\n"));
+}

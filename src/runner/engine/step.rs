@@ -24,6 +24,7 @@ use crate::runner::source::{self, SourceRecord};
 use crate::store::clock::Clock;
 use crate::store::{self, Claim, now_millis, owner};
 use crate::template::Context;
+use crate::verify::{self, Finding};
 
 /// A guard step's record is never forgotten: "at most once, ever" (about a hundred years).
 const GUARD_TTL_MS: Millis = 100 * 365 * 24 * 3600 * 1000;
@@ -129,9 +130,15 @@ impl Engine {
                 Ok(claim) => claim,
                 Err(e) => return StepReport::review(&unit.step.name, StepResult::Failed, e.to_string()),
             };
-            let (reason, token) = match (claim.decision, claim.token) {
-                (Decision::Execute(reason), Some(token)) => (reason, token),
-                (decision, _) => return settled(report, decision, claim.record.as_ref()),
+            let (reason, token) = match (claim.decision, claim.token, &claim.record) {
+                (Decision::Execute(reason), Some(token), _) => (reason, token),
+                (Decision::Verify, Some(token), Some(record)) => match self.verify(unit, record, token).await {
+                    // Absent: released, so the next claim sends it.
+                    Ok(None) => continue,
+                    Ok(Some(verified)) => return verified,
+                    Err(e) => return StepReport::review(&unit.step.name, StepResult::Failed, e.to_string()),
+                },
+                (decision, _, _) => return settled(report, decision, claim.record.as_ref()),
             };
             if reason == ExecuteReason::Changed {
                 report.result = StepResult::Resent;
@@ -227,6 +234,44 @@ impl Engine {
         verdict
     }
 
+    /// Settles a step whose call was sent and never answered by its lookup, under the
+    /// `Verify` lease `token`: found is reported `verified` (with the captures the found
+    /// answer holds), failed `unknown`; absent (`None`) released the step to be sent.
+    async fn verify(
+        &self,
+        unit: &Unit<'_>,
+        record: &Record,
+        token: LeaseToken,
+    ) -> Result<Option<StepReport>, store::Error> {
+        let Some(lookup) = &unit.step.verify else { return Ok(None) };
+        let ctx = Context { record: unit.fields, steps: unit.captures, key: &unit.stem };
+        let renewal = owner::keep_alive(self.store.clone(), unit.id.clone(), token, self.lease, Clock::System);
+        let mut captures = Map::new();
+        let ask = async {
+            match lookup.ask(&self.http, &ctx, self.flow.timeout).await {
+                Finding::Found(found) => {
+                    let (stored, found_captures) = call::verified(unit.step, &found);
+                    captures = found_captures;
+                    Finding::Found(stored)
+                }
+                other => other,
+            }
+        };
+        let finding = verify::conclude(self.store.as_ref(), record, token, ask, now_millis).await;
+        drop(renewal);
+        let mut report = StepReport::new(&unit.step.name, StepResult::Verified);
+        match finding? {
+            Finding::Found(_) => {
+                report.captures = captures;
+                Ok(Some(report))
+            }
+            Finding::Absent => Ok(None),
+            Finding::Failed(why) => {
+                Ok(Some(StepReport::review(&unit.step.name, StepResult::Unknown, format!("outcome unknown; {why}"))))
+            }
+        }
+    }
+
     /// Records the outcome of the attempt holding `token` (retrying a short store outage).
     async fn finish(&self, unit: &Unit<'_>, token: LeaseToken, outcome: Outcome) {
         owner::finish(self.store.as_ref(), &unit.id, token, outcome, Clock::System, |_| {}).await;
@@ -290,7 +335,7 @@ pub(super) fn policy(step: &Step) -> ClaimPolicy {
         on_change: if step.resend_on_change { OnChange::Resend } else { OnChange::Reject },
         // A re-run reads its ledger: skipping a step already sent writes nothing.
         replays: Replays::Ignore,
-        lookup: crate::core::Lookup::None,
+        lookup: if step.verify.is_some() { crate::core::Lookup::Configured } else { crate::core::Lookup::None },
     }
 }
 

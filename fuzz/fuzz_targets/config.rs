@@ -20,7 +20,7 @@ use idem::consumer::config::RawConsumer;
 use idem::core::units::millis;
 use idem::gateway::config::{Overrides, RawConfig};
 use idem::runner::flow::{self, Flow, Step};
-use idem::runner::template::Placeholder;
+use idem::template::Placeholder;
 use libfuzzer_sys::fuzz_target;
 
 /// 2026-01-01T00:00:00Z, the "now" a validated config is used at.

@@ -1,5 +1,5 @@
-//! The runner's templates (`runner::template`): parsing `{{record.F}}`, `{{steps.S.C}}` and
-//! `{{key}}`, and rendering against arbitrary JSON records, as text, as a URL component and
+//! The templates (`template`, the runner's and every lookup's): parsing `{{record.F}}`,
+//! `{{steps.S.C}}` and `{{key}}`, and rendering against arbitrary JSON records, as text, as a URL component and
 //! as a JSON body that keeps the types of single-placeholder leaves.
 //!
 //! Input: the template on the first line, then a JSON object: `record`, `steps` (step name to
@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use idem::runner::template::{Context, Escape, JsonTemplate, Part, Placeholder, Template};
+use idem::template::{Context, Escape, JsonTemplate, Part, Placeholder, Template};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 

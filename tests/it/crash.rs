@@ -4,7 +4,8 @@
 //! operation is logged; a checker then proves, on that history, the upstream's effects and
 //! the store's records, that no key took effect twice, that every final answer a client
 //! received is the one effect's answer and still replays after a crash, and that every
-//! in-flight loss ended as an explicit `outcome_unknown` (SPEC §1, §2).
+//! in-flight loss ended as an explicit `outcome_unknown` (SPEC §1, §2) — or, with a
+//! `verify` lookup on the route, that none is left unknown (SPEC §4).
 //!
 //! Short by default, for CI. `IDEM_CRASH_KILLS=60` makes a long run (`bench/crash.sh`);
 //! `IDEM_CRASH_CLIENTS` sets the number of clients; `IDEM_CRASH_SEED` repeats a run's
@@ -65,12 +66,35 @@ const TRANSPORT_PAUSE: Duration = Duration::from_millis(20);
 const IN_FLIGHT_PAUSE: Duration = Duration::from_millis(100);
 const ERROR_PAUSE: Duration = Duration::from_millis(50);
 
+/// Whether the run may end with intents `outcome_unknown`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unknowns {
+    /// Without a lookup, a loss in flight is an explicit `outcome_unknown`.
+    Explicit,
+    /// With a `verify` lookup on the route, every one is settled: none is left.
+    Settled,
+}
+
 #[tokio::test]
 async fn a_sqlite_gateway_killed_at_random_moments_never_duplicates_nor_loses() {
     let upstream = Upstream::start().await;
     // The gateway's own SQLite file in its temp dir, with the default synchronous=full.
     let gateway = Gateway::builder(&upstream.url(), ROUTES).start().await;
-    run("sqlite", &upstream, vec![gateway]).await;
+    run("sqlite", &upstream, vec![gateway], Unknowns::Explicit).await;
+}
+
+/// The same, with a lookup on the route (SPEC §4, "Settling unknown outcomes"): a retry
+/// that meets an unknown outcome asks the demo upstream whether it executed the key, so no
+/// intent is left unknown, still without a duplicate or a lost answer.
+#[tokio::test]
+async fn a_sqlite_gateway_with_a_lookup_killed_at_random_moments_leaves_nothing_unknown() {
+    let upstream = Upstream::start().await;
+    let lookup = format!(
+        "verify = {{ url = \"{}/_demo/lookup?idempotency_key={{{{key}}}}\", found = \"/data/0\", status = 201 }}\n",
+        upstream.url()
+    );
+    let gateway = Gateway::builder(&upstream.url(), &format!("{ROUTES}{lookup}")).start().await;
+    run("sqlite-verify", &upstream, vec![gateway], Unknowns::Settled).await;
 }
 
 #[tokio::test]
@@ -79,7 +103,7 @@ async fn two_postgres_gateways_killed_in_turn_never_duplicate_nor_lose() {
     let upstream = Upstream::start().await;
     let a = Gateway::builder(&upstream.url(), ROUTES).store(&store.url).start().await;
     let b = Gateway::builder(&upstream.url(), ROUTES).store(&store.url).start().await;
-    run("postgres", &upstream, vec![a, b]).await;
+    run("postgres", &upstream, vec![a, b], Unknowns::Explicit).await;
 }
 
 /// What a run does, from the environment.
@@ -179,7 +203,7 @@ struct World {
 
 /// One run of the harness on `gateways` (which share a store): traffic and kills, a final
 /// crash and restart, a replay of every intent, then the checker.
-async fn run(store: &str, upstream: &Upstream, mut gateways: Vec<Gateway>) {
+async fn run(store: &str, upstream: &Upstream, mut gateways: Vec<Gateway>, unknowns: Unknowns) {
     let settings = Settings::from_env();
     let started = Instant::now();
     let (intents, kills) = traffic_and_kills(&settings, &mut gateways, started).await;
@@ -194,6 +218,14 @@ async fn run(store: &str, upstream: &Upstream, mut gateways: Vec<Gateway>) {
     let records = records_by_key(gateways[0].store_url());
     let mut report = check(&intents, &stats, &records, &replays);
     report.figures.kills = kills.len();
+    if unknowns == Unknowns::Settled {
+        let left: Vec<&String> =
+            records.iter().filter(|(_, r)| r["status"] == "outcome_unknown").map(|(k, _)| k).collect();
+        if report.figures.unknown > 0 || !left.is_empty() {
+            let what = format!("{} intents ended unknown; records left unknown: {left:?}", report.figures.unknown);
+            report.violations.push(("*".into(), what));
+        }
+    }
     let history = write_history(store, &intents, &kills, &stats, &records);
     println!(
         "crash harness ({store}): {}, seed {}, clients {}, wall {:.1}s (history: {})",

@@ -16,6 +16,7 @@ use super::flow::{KeyStrategy, Step};
 use crate::backoff::Backoff;
 use crate::core::{Fingerprint, Outcome, StoredResponse};
 use crate::template::{Context, Escape};
+use crate::verify::root_cause;
 
 /// A rendered request, ready to send.
 #[derive(Clone, Debug, PartialEq)]
@@ -273,15 +274,6 @@ fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
 /// The path of a URL, for summaries: never the query (it may hold data) nor the host.
 fn url_path(url: &str) -> String {
     url::Url::parse(url).map(|u| u.path().to_owned()).unwrap_or_default()
-}
-
-/// The innermost cause of an error, which says what actually went wrong.
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = error;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
 }
 
 #[cfg(test)]

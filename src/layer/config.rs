@@ -430,6 +430,13 @@ impl RouteBuilder {
         self
     }
 
+    /// Unknown outcomes are settled by this lookup (`verify = { … }`), checked by `build`
+    /// as the TOML table is.
+    pub fn verify(mut self, lookup: RawVerify) -> Self {
+        self.0.verify = Some(lookup);
+        self
+    }
+
     /// What an unknown outcome turns into (`on_unknown`).
     pub fn on_unknown(mut self, on_unknown: OnUnknown) -> Self {
         self.0.on_unknown = Some(on_unknown);

@@ -391,7 +391,12 @@ pub(super) fn settled(mut report: StepReport, decision: Decision, record: Option
             (StepResult::NeedsReview, Some(why))
         }
         Decision::InFlight => (StepResult::InFlight, Some("another run is still sending this step".to_owned())),
-        Decision::OutcomeUnknown | Decision::Verify => (
+        // A dry run's look (a claim hands `Verify` out with its lease, handled before this).
+        Decision::Verify => (
+            StepResult::Unknown,
+            Some("sent earlier and never answered; the next run asks the step's verify lookup".to_owned()),
+        ),
+        Decision::OutcomeUnknown => (
             StepResult::Unknown,
             Some(
                 summary().unwrap_or_else(|| "sent earlier and never answered".into())

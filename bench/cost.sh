@@ -249,9 +249,10 @@ native_pass() { # STORE
     stop_idem
 }
 
-# annotate FILE (run from /: from the repository, callgrind_annotate lists some functions
-# twice, under absolute and relative paths): the total ("TOTAL<TAB>n") then "cost<TAB>function" per function, its
-# inclusive cost summed over the source files callgrind_annotate lists it under.
+# annotate FILE: the total ("TOTAL<TAB>n"), then "cost<TAB>function" per function, its
+# inclusive cost summed over the source files callgrind_annotate lists it under. Run from
+# /: from the repository, callgrind_annotate lists some functions twice, under absolute
+# and relative paths.
 annotate() {
     (cd / && callgrind_annotate --inclusive=yes --threshold=100 --auto=no "$1" 2>/dev/null) |
         awk '/PROGRAM TOTALS/ { c = $1; gsub(",", "", c); print "TOTAL\t" c; next }
@@ -266,7 +267,7 @@ annotate() {
 }
 
 callgrind_pass() { # STORE
-    local store=$1 mode tag=c-$RUN_ID-$1 before file out part name pattern best
+    local store=$1 mode tag=c-$RUN_ID-$1 before file out part name pattern
     start_idem "callgrind-$store" "$(store_url "$store" callgrind)" \
         valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind.$store.%p" --collect-systime=no
     prime_replay "$GW_URL" "$tag"

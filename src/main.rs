@@ -17,6 +17,11 @@ use idem::gateway::{
 };
 use idem::host::Error;
 
+/// mimalloc rather than the system allocator: a request allocates and frees a few hundred
+/// small blocks across threads (bench/cost.sh measures the allocator's share).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "idem", version, about = "Makes retries safe: every intended action executes once")]
 struct Cli {

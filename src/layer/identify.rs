@@ -53,9 +53,17 @@ pub(super) fn identify(
         content_type,
         body,
     };
-    let (fingerprint, _) = fingerprint(&route.fingerprint, view, |name| {
-        parts.headers.get_all(name).iter().map(HeaderValue::as_bytes).collect()
-    });
+    // Computed once, and only when needed: a request without its key on a route where the
+    // key is optional passes through without one.
+    let mut computed = None;
+    let mut fingerprint = || {
+        *computed.get_or_insert_with(|| {
+            fingerprint(&route.fingerprint, view, |name| {
+                parts.headers.get_all(name).iter().map(HeaderValue::as_bytes).collect()
+            })
+            .0
+        })
+    };
     let (raw_key, scope) = match &repeatable {
         Some(r) => {
             let scope = match &r.client_id {
@@ -64,7 +72,7 @@ pub(super) fn identify(
             };
             (Some(r.request_id.clone()), scope)
         }
-        None => (route_key(route, &parts.headers, body, &fingerprint)?, route.name.clone()),
+        None => (route_key(route, &parts.headers, body, &mut fingerprint)?, route.name.clone()),
     };
     let Some(raw_key) = raw_key else {
         return if route.required { Err(Problem::KeyMissing { source: key_source(route) }) } else { Ok(None) };
@@ -78,14 +86,14 @@ pub(super) fn identify(
     })?;
     let tenant = tenant(route, &parts.headers)?;
     let kind = if repeatable.is_some() { RequestKind::Repeatable } else { RequestKind::Keyed };
-    Ok(Some(Identified { id: RecordId::new(scope, tenant, key), fingerprint, kind }))
+    Ok(Some(Identified { id: RecordId::new(scope, tenant, key), fingerprint: fingerprint(), kind }))
 }
 
 fn route_key(
     route: &Route,
     headers: &HeaderMap,
     body: &[u8],
-    fingerprint: &Fingerprint,
+    fingerprint: &mut dyn FnMut() -> Fingerprint,
 ) -> Result<Option<Vec<u8>>, Problem> {
     Ok(match &route.key {
         KeySource::Header(name) => {
@@ -100,7 +108,7 @@ fn route_key(
             }
         }
         KeySource::Body(pointers) => key::from_body(body, pointers).map(String::into_bytes),
-        KeySource::Fingerprint => Some(fingerprint.to_hex().into_bytes()),
+        KeySource::Fingerprint => Some(fingerprint().to_hex().into_bytes()),
     })
 }
 

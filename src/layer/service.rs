@@ -182,7 +182,11 @@ impl Shared {
         // call or leaves a claim without its outcome. Graceful shutdown waits for it.
         let shared = self.clone();
         let call = Call { index, route, parts, body, identified };
-        let work = self.tasks.spawn(async move { shared.claim_and_act(call, inner).await });
+        // Boxed: the state machine of `claim_and_act` is tens of kilobytes (every path's
+        // futures side by side), and tokio moves a task's future and its output several
+        // times; moving a box moves a pointer (bench/cost.sh: a third of a miss's
+        // instructions were those copies).
+        let work = self.tasks.spawn(Box::pin(async move { shared.claim_and_act(call, inner).await }));
         work.await.unwrap_or_else(|e| {
             tracing::error!(error = %e, "a request handler failed");
             Ok(Problem::HandlerFailed.response())
@@ -224,7 +228,8 @@ impl Shared {
             correlation_id: correlation_id(&call.parts.headers),
         };
         if let Some(transactional) = &self.transactional {
-            return self.in_transaction(transactional, call, intent, inner).await;
+            // Boxed, so the transactional path's futures do not enlarge every other path's.
+            return Box::pin(self.in_transaction(transactional, call, intent, inner)).await;
         }
         let claimed = match self.claim(&call.route, intent.clone()).await {
             Ok(claim) => self.settle_unknown(&call.route, &call.body, claim, intent).await,

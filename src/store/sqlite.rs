@@ -3,12 +3,13 @@
 //! Writes go through one writer thread that commits them in groups: every operation
 //! waiting when a transaction starts joins it, so one fsync serves many requests and
 //! throughput grows with concurrency instead of being capped by the disk's sync rate.
-//! Each operation runs in its own savepoint, so one failing operation never fails its
-//! neighbours. Reads (and decisions that write nothing durable, such as a replay) use a
+//! One failing operation never fails its neighbours: an operation writes with at most one
+//! statement, which SQLite undoes by itself when it fails, and the one operation that
+//! writes several (the replay-count flush) runs in a savepoint of its own. Reads (and decisions that write nothing durable, such as a replay) use a
 //! small pool of read connections and never wait for the writer.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -198,6 +199,9 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || readers.with(f)).await.map_err(unavailable)?
     }
 
+    /// Runs `f` in the writer's next group transaction. `f` writes with at most one
+    /// statement (see the module docs): a failed statement leaves nothing behind, so `f`
+    /// needs no savepoint.
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, Error> + Send + 'static,
@@ -216,11 +220,13 @@ impl SqliteStore {
     }
 }
 
-/// Writes summed replay counts (see [`super::touch`]).
+/// Writes summed replay counts (see [`super::touch`]): several statements, so in a
+/// savepoint, undone together when one fails.
 fn touch_job(batch: Vec<Touch>) -> Job {
     Box::new(move |conn| {
         let Ok(conn) = conn else { return (false, Box::new(|_| {})) };
-        let mut ok = true;
+        let statement = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([])).is_ok();
+        let mut ok = statement("SAVEPOINT touch");
         for touch in batch {
             let id = &touch.id;
             ok &= conn
@@ -233,6 +239,10 @@ fn touch_job(batch: Vec<Touch>) -> Job {
                 })
                 .is_ok();
         }
+        if !ok {
+            statement("ROLLBACK TO touch");
+        }
+        statement("RELEASE touch");
         (ok, Box::new(|_| {}))
     })
 }
@@ -248,7 +258,9 @@ fn write_loop(conn: Connection, mut jobs: mpsc::UnboundedReceiver<Job>) {
                 Err(_) => break,
             }
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        // Prepared once: BEGIN and COMMIT are two statements of every group.
+        let statement = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]).map(drop));
+        if let Err(e) = statement("BEGIN IMMEDIATE") {
             let reason = format!("cannot begin a transaction: {e}");
             for job in group {
                 let (_, deliver) = job(Err(&reason));
@@ -258,17 +270,12 @@ fn write_loop(conn: Connection, mut jobs: mpsc::UnboundedReceiver<Job>) {
         }
         let mut delivers = Vec::with_capacity(group.len());
         for job in group {
-            let _ = conn.prepare_cached("SAVEPOINT op").and_then(|mut s| s.execute([]));
-            let (ok, deliver) = job(Ok(&conn));
-            if !ok {
-                let _ = conn.prepare_cached("ROLLBACK TO op").and_then(|mut s| s.execute([]));
-            }
-            let _ = conn.prepare_cached("RELEASE op").and_then(|mut s| s.execute([]));
+            let (_, deliver) = job(Ok(&conn));
             delivers.push(deliver);
         }
-        let commit = conn.execute_batch("COMMIT").map_err(|e| format!("commit failed: {e}"));
+        let commit = statement("COMMIT").map_err(|e| format!("commit failed: {e}"));
         if commit.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
+            let _ = statement("ROLLBACK");
         }
         for deliver in delivers {
             deliver(commit.clone());
@@ -276,44 +283,58 @@ fn write_loop(conn: Connection, mut jobs: mpsc::UnboundedReceiver<Job>) {
     }
 }
 
+/// The statements run on every request, made once (the statement cache is keyed by text).
+static LOAD: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {COLUMNS} FROM records WHERE scope = ?1 AND tenant = ?2 AND key = ?3"));
+static VALUES: &str = "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
+static SAVE: LazyLock<String> = LazyLock::new(|| format!("INSERT OR REPLACE INTO records ({COLUMNS}) {VALUES}"));
+static INSERT_NEW: LazyLock<String> =
+    LazyLock::new(|| format!("INSERT INTO records ({COLUMNS}) {VALUES} ON CONFLICT DO NOTHING"));
+
 fn load(conn: &Connection, id: &RecordId) -> Result<Option<Record>, Error> {
-    let mut stmt = conn
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM records WHERE scope = ?1 AND tenant = ?2 AND key = ?3"))
-        .map_err(unavailable)?;
+    let mut stmt = conn.prepare_cached(&LOAD).map_err(unavailable)?;
     let row = stmt.query_row(params![id.scope, id.tenant, id.key], read_row).optional().map_err(unavailable)?;
     row.transpose()
 }
 
+/// Stores `r`, replacing the record of its id.
 fn save(conn: &Connection, r: &Record) -> Result<(), Error> {
+    write_row(conn, &SAVE, r).map(drop)
+}
+
+/// Stores `r` unless a record of its id exists: false then.
+fn insert_new(conn: &Connection, r: &Record) -> Result<bool, Error> {
+    write_row(conn, &INSERT_NEW, r).map(|n| n == 1)
+}
+
+/// Runs `sql` (an `INSERT` of [`COLUMNS`]) with `r`'s fields; the number of rows written.
+fn write_row(conn: &Connection, sql: &str, r: &Record) -> Result<usize, Error> {
     let response = r.response.as_ref();
     let headers = response.map(|resp| serde_json::to_string(&resp.headers)).transpose().map_err(unavailable)?;
-    conn.prepare_cached(&format!(
-        "INSERT OR REPLACE INTO records ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
-    ))
-    .and_then(|mut stmt| {
-        stmt.execute(params![
-            r.id.scope,
-            r.id.tenant,
-            r.id.key,
-            r.fingerprint.to_hex(),
-            r.status.as_str(),
-            r.lease.map(|l| l.token as i64),
-            r.lease.map(|l| l.locked_until),
-            response.map(|resp| resp.status),
-            headers,
-            response.map(|resp| resp.body.as_ref()),
-            response.map(|resp| resp.retained),
-            r.created_at,
-            r.last_seen_at,
-            r.expires_at,
-            r.replay_count as i64,
-            r.attempt_count as i64,
-            r.correlation_id,
-            r.error_summary,
-        ])
-    })
-    .map(drop)
-    .map_err(unavailable)
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                r.id.scope,
+                r.id.tenant,
+                r.id.key,
+                r.fingerprint.to_hex(),
+                r.status.as_str(),
+                r.lease.map(|l| l.token as i64),
+                r.lease.map(|l| l.locked_until),
+                response.map(|resp| resp.status),
+                headers,
+                response.map(|resp| resp.body.as_ref()),
+                response.map(|resp| resp.retained),
+                r.created_at,
+                r.last_seen_at,
+                r.expires_at,
+                r.replay_count as i64,
+                r.attempt_count as i64,
+                r.correlation_id,
+                r.error_summary,
+            ])
+        })
+        .map_err(unavailable)
 }
 
 /// Maps a row to a record. The outer `Result` is SQLite's; the inner one says whether
@@ -447,6 +468,13 @@ impl Store for SqliteStore {
         // Plan again inside the writer, where nothing else can change the record.
         let intent = intent.clone();
         self.write(move |conn| {
+            if let (None, Transition::Write(record)) = (&existing, &plan.transition) {
+                // A new key when read: one statement stores the claim unless a record has
+                // appeared since, and then the plan stands without reading again.
+                if insert_new(conn, record)? {
+                    return Ok(Claim::planned(plan, None));
+                }
+            }
             let existing = load(conn, &intent.id)?;
             let plan = plan_claim(existing.as_ref(), &intent, policy, new_token);
             if let Transition::Touch(record) | Transition::Write(record) = &plan.transition {

@@ -167,6 +167,26 @@ pub struct Stored {
     pub version: u64,
 }
 
+/// Reads back a hash packed by `common.lua`'s `packed` (each field and value as its
+/// length in decimal, `:` and its bytes) as the reply HGETALL would have been.
+pub fn unpack(id: &RecordId, mut packed: &[u8]) -> Result<Value, Error> {
+    let mut items = Vec::new();
+    while !packed.is_empty() {
+        let item = packed
+            .iter()
+            .position(|&b| b == b':')
+            .and_then(|colon| {
+                let length: usize = std::str::from_utf8(&packed[..colon]).ok()?.parse().ok()?;
+                let end = (colon + 1).checked_add(length).filter(|&end| end <= packed.len())?;
+                Some((&packed[colon + 1..end], end))
+            })
+            .ok_or_else(|| Error::Corrupt(format!("{id}: a packed record does not parse")))?;
+        items.push(Value::BulkString(item.0.to_vec()));
+        packed = &packed[item.1..];
+    }
+    Ok(Value::Array(items))
+}
+
 /// Reads a hash (a flat field/value array, as `HGETALL` and the scripts return it, or a
 /// RESP3 map) back into a record; `None` for an empty hash (no such key).
 pub fn parse(id: &RecordId, value: Value) -> Result<Option<Stored>, Error> {
@@ -296,6 +316,25 @@ mod tests {
         let bare = Record { lease: None, response: None, correlation_id: None, error_summary: None, ..record };
         assert_eq!(parse(&bare.id, as_value(fields(&bare), 1)).unwrap().unwrap().record, bare);
         assert_eq!(parse(&bare.id, Value::Array(vec![])).unwrap(), None);
+    }
+
+    #[test]
+    fn a_packed_hash_unpacks_to_its_hgetall_reply() {
+        let record = full_record();
+        let reply = as_value(fields(&record), 4);
+        let Value::Array(items) = &reply else { unreachable!() };
+        // As common.lua's `packed` writes it.
+        let mut packed = Vec::new();
+        for item in items {
+            let Value::BulkString(bytes) = item else { unreachable!() };
+            packed.extend_from_slice(format!("{}:", bytes.len()).as_bytes());
+            packed.extend_from_slice(bytes);
+        }
+        assert_eq!(unpack(&record.id, &packed).unwrap(), reply);
+        assert_eq!(parse(&record.id, unpack(&record.id, b"").unwrap()).unwrap(), None);
+        for broken in [&b"3:ab"[..], b"x:a", b"2ab", b"99999999999999999999999:a"] {
+            assert!(matches!(unpack(&record.id, broken), Err(Error::Corrupt(_))), "{broken:?}");
+        }
     }
 
     #[test]

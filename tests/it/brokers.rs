@@ -686,6 +686,20 @@ consumer_suite! {
         the_broker_connection_cut_and_restored,
         a_delivery_longer_than_the_lease_is_not_redelivered,
     ];
-    nats => super::Nats: [a_delivery_longer_than_the_lease_is_not_redelivered];
-    rabbitmq => super::Rabbit: [a_delivery_longer_than_the_lease_is_not_redelivered];
+    nats => super::Nats: [
+        duplicates_and_stale_versions,
+        poison_messages_end_in_review,
+        kill_9_mid_stream_then_resume,
+        sigterm_finishes_the_messages_in_flight,
+        the_broker_connection_cut_and_restored,
+        a_delivery_longer_than_the_lease_is_not_redelivered,
+    ];
+    rabbitmq => super::Rabbit: [
+        duplicates_and_stale_versions,
+        poison_messages_end_in_review,
+        kill_9_mid_stream_then_resume,
+        sigterm_finishes_the_messages_in_flight,
+        the_broker_connection_cut_and_restored,
+        a_delivery_longer_than_the_lease_is_not_redelivered,
+    ];
 }

@@ -685,6 +685,11 @@ mod tests {
         let consumer = load(&path, &|_| None).expect("examples/ holds a valid consumer");
         assert_eq!(consumer.subscriber, "orders-sync");
         assert!(consumer.admin.is_some());
+        for (file, kafka) in [("orders-consumer-kafka.toml", true), ("orders-consumer-sqs.toml", false)] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(file);
+            let consumer = load(&path, &|_| None).expect("examples/ holds a valid consumer");
+            assert_eq!(matches!(consumer.broker, Broker::Kafka(_)), kafka, "{file}");
+        }
     }
 
     #[test]

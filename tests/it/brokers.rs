@@ -703,3 +703,34 @@ consumer_suite! {
         a_delivery_longer_than_the_lease_is_not_redelivered,
     ];
 }
+
+/// SQS names a message by its `MessageDeduplicationId` (a FIFO queue's), else by its
+/// `MessageId`: with `message_id = "header"`, those are the records' keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn sqs_names_a_message_by_its_deduplication_id_then_its_message_id() {
+    let (broker, upstream) = (Sqs::start().await, Upstream::start().await);
+    let fifo = broker.client.create_queue().queue_name(format!("orders-{}.fifo", unique_suffix()));
+    let fifo = fifo.attributes(QueueAttributeName::FifoQueue, "true").send().await.expect("a FIFO queue");
+    let fifo_url = fifo.queue_url.expect("a queue URL");
+    let source = broker.source("ids").replace(&broker.queue_url, &fifo_url);
+    let toml = consumer_file(&broker, "ids", &source, &upstream.url(), "").replace("{ body = \"/id\" }", "\"header\"");
+    let consumer = start_consumer(&broker, "ids", &toml).await;
+    let send = broker.client.send_message().queue_url(&fifo_url).message_body(r#"{"order_id":"o-1"}"#);
+    send.message_group_id("orders").message_deduplication_id("order-1-created").send().await.expect("sent");
+    let plain = format!("orders-plain-{}", unique_suffix());
+    let plain_url =
+        broker.client.create_queue().queue_name(&plain).send().await.expect("a queue").queue_url.expect("URL");
+    let source = broker.source("ids-plain").replace(&broker.queue_url, &plain_url);
+    let toml =
+        consumer_file(&broker, "ids-plain", &source, &upstream.url(), "").replace("{ body = \"/id\" }", "\"header\"");
+    let second = start_consumer(&broker, "ids-plain", &toml).await;
+    let sent = broker.client.send_message().queue_url(&plain_url).message_body(r#"{"order_id":"o-2"}"#).send().await;
+    let message_id = sent.expect("sent").message_id.expect("a MessageId");
+    eventually("both delivered", || async {
+        consumer.count("delivered").await == 1 && second.count("delivered").await == 1
+    })
+    .await;
+    let stats = upstream.stats().await;
+    assert_eq!(stats["by_key"]["order-1-created"], 1, "the FIFO message's deduplication id: {stats}");
+    assert_eq!(stats["by_key"][message_id.as_str()], 1, "the standard queue's MessageId: {stats}");
+}

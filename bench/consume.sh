@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/consume.sh — messages per second through `idem consume` next to the broker client's
-# own consume-and-ack loop, in the same run, for NATS JetStream and RabbitMQ.
+# own consume-and-ack loop, in the same run, for NATS JetStream, RabbitMQ, Kafka and SQS.
 #
 # A benchmark, not a test: it prints numbers and never fails on them. It exits 1 when it
 # could not measure (a process died, a broker is unreachable, a setup check failed) and 3
@@ -15,7 +15,10 @@
 #              disk (bench/nginx/upstream.conf.in, plus a stub_status location this script
 #              adds to count the calls it really received)
 #   brokers    the NATS JetStream server at NATS_URL and the RabbitMQ server at RABBITMQ_URL,
-#              as they are (this script does not start them)
+#              as they are (this script does not start them); for kafka and sqs, a private
+#              tansu broker (memory storage) and a private moto SQS server that this script
+#              starts from scripts/install-broker-tools' venv (or KAFKA_BROKERS / SQS_URL to
+#              use running ones)
 #   messages   MESSAGES small JSON objects (~110 B, a unique "id", e.g.
 #              {"id":"m-00000001","order_id":"o-00000001","customer":"cus_1",...}),
 #              published by examples/bare_consumer.rs into a FRESH stream (subjects
@@ -24,10 +27,13 @@
 #
 # Scenarios (per broker):
 #   bare-ack      examples/bare_consumer.rs: the broker client (async-nats durable pull
-#                 consumer with explicit acks / lapin with basic.qos prefetch and manual acks),
+#                 consumer with explicit acks / lapin with basic.qos prefetch and manual acks /
+#                 an rdkafka consumer group committing each offset after its message / the
+#                 AWS SDK receiving ten at a time with long polling and deleting each),
 #                 CONCURRENCY messages in flight, each only acked: the broker's ceiling
 #   bare-http     the same, each message POSTed to the endpoint (reqwest, one keep-alive pool,
 #                 `Idempotency-Key: {id}`), the answer read to its end, then acked
+#                 (Kafka: committed; SQS: deleted)
 #   idem          `idem consume` on a fresh SQLite store (`synchronous=full`, the default):
 #                 message_id = { body = "/id" }, [deliver] POST to the endpoint,
 #                 concurrency = CONCURRENCY                              (goal >= 0.8x bare-http)
@@ -52,7 +58,11 @@
 # have received exactly MESSAGES POSTs (0 for bare-ack); idem's metrics must say
 # delivered = MESSAGES and nothing else; after idem stops (SIGTERM, exit status 0), the
 # broker must hold nothing unacknowledged (NATS: num_pending = num_ack_pending = 0,
-# ack floor = MESSAGES; RabbitMQ: 0 messages ready).
+# ack floor = MESSAGES; RabbitMQ: 0 messages ready; Kafka: the group's committed offset is
+# MESSAGES; SQS: nothing visible nor in flight).
+#
+# moto is a Python server and tansu keeps its log in memory: their own ceilings are far
+# below a production SQS or Kafka, so compare the rows of one broker with each other only.
 #
 # Each round runs every scenario once, in turn, so background noise spreads over all rows
 # alike; a row reports the median over RUNS rounds.
@@ -68,6 +78,7 @@
 #   bench/consume.sh                                      # defaults
 #   BROKERS=nats RUNS=1 MESSAGES=20000 bench/consume.sh  # a quick look
 #   SCENARIOS="bare-http idem" bench/consume.sh              # only the headline ratio
+#   BROKERS=sqs MESSAGES=2000 RUNS=1 bench/consume.sh       # SQS on a private moto server
 #   PERF=1 bench/consume.sh     # also profile the last `idem` (SQLite) row of each broker
 #
 # Environment:
@@ -75,7 +86,11 @@
 #   CONCURRENCY=64          messages in flight (idem's `concurrency`; the bare client's tasks,
 #                           NATS pull batch and RabbitMQ prefetch, as idem sets them)
 #   RUNS=3                  rounds
-#   BROKERS="nats rabbitmq" which brokers, in this order
+#   BROKERS="nats rabbitmq kafka" which brokers, in this order; add sqs (moto's server
+#                           takes ~100 messages/s, so give it MESSAGES=2000 or so on its own)
+#   KAFKA_BROKERS=host:port a running Kafka broker instead of a private tansu
+#   SQS_URL=http://…        a running SQS server instead of a private moto (credentials from
+#                           the environment; test/test when none are set)
 #   SCENARIOS="bare-ack bare-http idem idem-normal idem-memory"
 #   NATS_URL=nats://127.0.0.1:4222
 #   RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5672/%2f
@@ -104,7 +119,10 @@ ROOT=$(cd "$HERE/.." && pwd)
 MESSAGES=${MESSAGES:-50000}
 CONCURRENCY=${CONCURRENCY:-64}
 RUNS=${RUNS:-3}
-BROKERS=${BROKERS:-nats rabbitmq}
+BROKERS=${BROKERS:-nats rabbitmq kafka}
+KAFKA_BROKERS=${KAFKA_BROKERS:-}
+SQS_URL=${SQS_URL:-}
+BROKER_TOOLS=${IDEM_BROKER_TOOLS:-$HOME/.cache/idem-tools/brokers}
 SCENARIOS=${SCENARIOS:-bare-ack bare-http idem idem-normal idem-memory}
 NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
 RABBITMQ_URL=${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
@@ -137,7 +155,7 @@ read -r -a SCENARIO_LIST <<<"$SCENARIOS"
 ((${#BROKER_LIST[@]})) || die "BROKERS is empty"
 ((${#SCENARIO_LIST[@]})) || die "SCENARIOS is empty"
 for b in "${BROKER_LIST[@]}"; do
-    [[ $b == nats || $b == rabbitmq ]] || die "unknown broker '$b' (nats, rabbitmq)"
+    [[ $b =~ ^(nats|rabbitmq|kafka|sqs)$ ]] || die "unknown broker '$b' (nats, rabbitmq, kafka, sqs)"
 done
 for s in "${SCENARIO_LIST[@]}"; do
     [[ $s =~ ^(bare-ack|bare-http|idem|idem-normal|idem-memory)$ ]] ||
@@ -157,6 +175,8 @@ idem_and_example_bins bare_consumer
 # ---------------------------------------------------------------- processes and cleanup
 
 QUEUES=()   # RabbitMQ queues this run declared (deleted on exit)
+TOPICS=()   # Kafka topics this run created (deleted on exit)
+SQS_QUEUES=() # SQS queues this run created (deleted on exit)
 USED_NATS=0 # 1 once a stream may exist (those named $TAG* are deleted on exit)
 make_tmp idem-consume-bench "logs, consumer files and databases"
 
@@ -167,6 +187,12 @@ extra_cleanup() {
     fi
     if ((${#QUEUES[@]})); then
         "$BARE_BIN" rabbit-delete --url "$RABBITMQ_URL" "${QUEUES[@]}" >>"$TMP/cleanup.log" 2>&1 || true
+    fi
+    if ((${#TOPICS[@]})); then
+        "$BARE_BIN" kafka-delete --brokers "$KAFKA_BROKERS" "${TOPICS[@]}" >>"$TMP/cleanup.log" 2>&1 || true
+    fi
+    if ((${#SQS_QUEUES[@]})); then
+        "$BARE_BIN" sqs-delete --sqs "$SQS_URL" "${SQS_QUEUES[@]}" >>"$TMP/cleanup.log" 2>&1 || true
     fi
 }
 
@@ -201,6 +227,28 @@ for b in "${BROKER_LIST[@]}"; do
         "$BARE_BIN" rabbit-delete --url "$RABBITMQ_URL" >"$TMP/probe-rabbitmq.log" 2>&1 ||
             { show_files "$TMP/probe-rabbitmq.log"; die "RabbitMQ at $RABBITMQ_URL is not reachable"; }
         ;;
+    kafka)
+        if [[ -z $KAFKA_BROKERS ]]; then
+            [[ -x $BROKER_TOOLS/bin/tansu ]] || die "no tansu in $BROKER_TOOLS: run ./scripts/install-broker-tools"
+            free_port port
+            start tansu "$BROKER_TOOLS/bin/tansu" broker --listener-url "tcp://127.0.0.1:$port" \
+                --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine memory://tansu/
+            wait_port tansu "$port"
+            KAFKA_BROKERS=127.0.0.1:$port
+            log "  Kafka: a private tansu ($("$BROKER_TOOLS/bin/tansu" --version)) at $KAFKA_BROKERS"
+        fi
+        ;;
+    sqs)
+        export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test}
+        if [[ -z $SQS_URL ]]; then
+            [[ -x $BROKER_TOOLS/bin/python ]] || die "no venv in $BROKER_TOOLS: run ./scripts/install-broker-tools"
+            free_port port
+            start moto "$BROKER_TOOLS/bin/python" -m moto.server -H 127.0.0.1 -p "$port"
+            wait_port moto "$port"
+            SQS_URL=http://127.0.0.1:$port
+            log "  SQS: a private moto server at $SQS_URL"
+        fi
+        ;;
     esac
 done
 
@@ -224,7 +272,7 @@ anomaly() {
 # source_name BROKER ROUND SCENARIO → a fresh stream (NATS) or queue (RabbitMQ) name
 source_name() {
     local s=${3//-/_}
-    if [[ $1 == nats ]]; then echo "${TAG}_${2}_${s}"; else echo "${TAG}-${2}-${3}"; fi
+    if [[ $1 == nats ]]; then echo "${TAG}_${2}_${s}"; else echo "${TAG}-${1}-${2}-${3}"; fi
 }
 
 # publish BROKER NAME: a fresh stream / queue holding MESSAGES messages
@@ -233,21 +281,30 @@ publish() {
     if [[ $broker == nats ]]; then
         "$BARE_BIN" nats-publish --url "$NATS_URL" --stream "$name" --count "$MESSAGES" \
             >"$TMP/publish.out" 2>"$TMP/publish.err" || { show_files "$TMP/publish.out" "$TMP/publish.err"; die "publishing to NATS failed"; }
-    else
+    elif [[ $broker == rabbitmq ]]; then
         QUEUES+=("$name")
         "$BARE_BIN" rabbit-publish --url "$RABBITMQ_URL" --queue "$name" --count "$MESSAGES" \
             >"$TMP/publish.out" 2>"$TMP/publish.err" || { show_files "$TMP/publish.out" "$TMP/publish.err"; die "publishing to RabbitMQ failed"; }
+    elif [[ $broker == kafka ]]; then
+        TOPICS+=("$name")
+        "$BARE_BIN" kafka-publish --brokers "$KAFKA_BROKERS" --topic "$name" --count "$MESSAGES" \
+            >"$TMP/publish.out" 2>"$TMP/publish.err" || { show_files "$TMP/publish.out" "$TMP/publish.err"; die "publishing to Kafka failed"; }
+    else
+        SQS_QUEUES+=("$name")
+        "$BARE_BIN" sqs-publish --sqs "$SQS_URL" --queue "$name" --count "$MESSAGES" \
+            >"$TMP/publish.out" 2>"$TMP/publish.err" || { show_files "$TMP/publish.out" "$TMP/publish.err"; die "publishing to SQS failed"; }
     fi
     line=$(grep '^PUBLISHED ' "$TMP/publish.out")
     PUBRATE[$broker]+="$(field "$line" rate) "
 }
 
 drop_source() { # BROKER NAME
-    if [[ $1 == nats ]]; then
-        "$BARE_BIN" nats-delete --url "$NATS_URL" "$2" >>"$TMP/cleanup.log" 2>&1 || true
-    else
-        "$BARE_BIN" rabbit-delete --url "$RABBITMQ_URL" "$2" >>"$TMP/cleanup.log" 2>&1 || true
-    fi
+    case $1 in
+    nats) "$BARE_BIN" nats-delete --url "$NATS_URL" "$2" >>"$TMP/cleanup.log" 2>&1 || true ;;
+    rabbitmq) "$BARE_BIN" rabbit-delete --url "$RABBITMQ_URL" "$2" >>"$TMP/cleanup.log" 2>&1 || true ;;
+    kafka) "$BARE_BIN" kafka-delete --brokers "$KAFKA_BROKERS" "$2" >>"$TMP/cleanup.log" 2>&1 || true ;;
+    sqs) "$BARE_BIN" sqs-delete --sqs "$SQS_URL" "$2" >>"$TMP/cleanup.log" 2>&1 || true ;;
+    esac
 }
 
 # settled_in_broker BROKER NAME → "" when nothing is left unacknowledged, else what is left
@@ -257,9 +314,22 @@ settled_in_broker() {
         line=$("$BARE_BIN" nats-info --url "$NATS_URL" --stream "$name" --durable "$DURABLE" 2>&1) || { echo "nats-info failed: $line"; return; }
         [[ $(field "$line" num_pending) == 0 && $(field "$line" num_ack_pending) == 0 &&
             $(field "$line" ack_floor) == "$MESSAGES" ]] || echo "$line"
-    else
+    elif [[ $broker == rabbitmq ]]; then
         line=$("$BARE_BIN" rabbit-info --url "$RABBITMQ_URL" --queue "$name" 2>&1) || { echo "rabbit-info failed: $line"; return; }
         [[ $(field "$line" ready) == 0 ]] || echo "$line"
+    elif [[ $broker == kafka ]]; then
+        line=$("$BARE_BIN" kafka-info --brokers "$KAFKA_BROKERS" --topic "$name" --group "$DURABLE" 2>&1) || { echo "kafka-info failed: $line"; return; }
+        # The committed offset, not the high watermark: tansu reports the watermark of a
+        # batch of records as if it were one.
+        [[ $(field "$line" committed) == "$MESSAGES" ]] || echo "$line"
+    else
+        # The counts are approximate (SQS says so): asked again for a few seconds.
+        for _ in 1 2 3 4 5; do
+            line=$("$BARE_BIN" sqs-info --sqs "$SQS_URL" --queue "$name" 2>&1) || { echo "sqs-info failed: $line"; return; }
+            [[ $(field "$line" visible) == 0 && $(field "$line" in_flight) == 0 ]] && return
+            sleep 1
+        done
+        echo "$line"
     fi
 }
 
@@ -281,11 +351,12 @@ record() {
 run_bare() {
     local broker=$1 round=$2 scenario=$3 name=$4 before after t0 t1 rc=0 line expect=0 args=()
     [[ $scenario == bare-http ]] && { args=(--endpoint "$ENDPOINT_URL"); expect=$MESSAGES; }
-    if [[ $broker == nats ]]; then
-        args=(nats-consume --url "$NATS_URL" --stream "$name" --durable "$DURABLE" "${args[@]}")
-    else
-        args=(rabbit-consume --url "$RABBITMQ_URL" --queue "$name" "${args[@]}")
-    fi
+    case $broker in
+    nats) args=(nats-consume --url "$NATS_URL" --stream "$name" --durable "$DURABLE" "${args[@]}") ;;
+    rabbitmq) args=(rabbit-consume --url "$RABBITMQ_URL" --queue "$name" "${args[@]}") ;;
+    kafka) args=(kafka-consume --brokers "$KAFKA_BROKERS" --topic "$name" --group "$DURABLE" "${args[@]}") ;;
+    sqs) args=(sqs-consume --sqs "$SQS_URL" --queue "$name" "${args[@]}") ;;
+    esac
     before=$(nginx_requests)
     t0=$(now)
     timeout "$TIMEOUT" "$BARE_BIN" "${args[@]}" --count "$MESSAGES" --concurrency "$CONCURRENCY" \
@@ -311,11 +382,12 @@ run_bare() {
 # write_consumer FILE BROKER NAME STORE_URL
 write_consumer() {
     local source
-    if [[ $2 == nats ]]; then
-        source="nats = { url = \"$NATS_URL\", stream = \"$3\", subject = \"$3.>\", durable = \"$DURABLE\" }"
-    else
-        source="rabbitmq = { url = \"$RABBITMQ_URL\", queue = \"$3\" }"
-    fi
+    case $2 in
+    nats) source="nats = { url = \"$NATS_URL\", stream = \"$3\", subject = \"$3.>\", durable = \"$DURABLE\" }" ;;
+    rabbitmq) source="rabbitmq = { url = \"$RABBITMQ_URL\", queue = \"$3\" }" ;;
+    kafka) source="kafka = { brokers = \"$KAFKA_BROKERS\", topic = \"$3\", group = \"$DURABLE\" }" ;;
+    sqs) source="sqs = { queue_url = \"$SQS_URL/123456789012/$3\", endpoint = \"$SQS_URL\", wait_time = \"1s\" }" ;;
+    esac
     cat >"$1" <<EOF
 # Written by bench/consume.sh.
 subscriber = "$SUBSCRIBER"

@@ -1,5 +1,5 @@
 //! The baseline of `bench/consume.sh`: what a bare broker client does with the same
-//! messages, the same broker client (async-nats / lapin), the same HTTP client (reqwest, one
+//! messages, the same broker client (async-nats / lapin / rdkafka / the AWS SDK), the same HTTP client (reqwest, one
 //! keep-alive pool) and the same concurrency as `idem consume`, with no store and no
 //! bookkeeping — and the helpers the script needs around it (publishing, broker state,
 //! clean-up, timing a running `idem consume` from its metrics).
@@ -15,6 +15,13 @@
 //! cargo run --release --example bare_consumer -- rabbit-publish --queue bench-1 --count 50000
 //! cargo run --release --example bare_consumer -- rabbit-consume --queue bench-1 --count 50000 \
 //!     --concurrency 64 --endpoint http://127.0.0.1:9000/v1/orders
+//! # Kafka: a fresh one-partition topic, then a consumer group committing each offset after its POST
+//! cargo run --release --example bare_consumer -- kafka-publish --brokers 127.0.0.1:9092 --topic bench-1 --count 50000
+//! cargo run --release --example bare_consumer -- kafka-consume --topic bench-1 --count 50000 --endpoint http://127.0.0.1:9000/v1/orders
+//! # SQS (any server that speaks its API): a fresh queue, then receive, POST, delete
+//! cargo run --release --example bare_consumer -- sqs-publish --sqs http://127.0.0.1:5000 --queue bench-1 --count 5000
+//! cargo run --release --example bare_consumer -- sqs-consume --sqs http://127.0.0.1:5000 --queue bench-1 --count 5000 \
+//!     --endpoint http://127.0.0.1:9000/v1/orders
 //! # a running `idem consume` (its [admin] listener): until N messages are settled
 //! cargo run --release --example bare_consumer -- watch --admin 127.0.0.1:8082 --subscriber bench --count 50000
 //! ```
@@ -50,6 +57,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, consumer, stream};
+use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -59,6 +67,13 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 
 #[derive(Parser)]
@@ -150,6 +165,90 @@ enum Command {
     RabbitDelete {
         #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
         url: String,
+        queues: Vec<String>,
+    },
+    /// (Re)create a Kafka topic (one partition, as `idem consume` creates it) and publish
+    /// `count` messages to it, each acknowledged by the broker.
+    KafkaPublish {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        count: u64,
+        /// Deliveries awaited at once.
+        #[arg(long, default_value_t = 512)]
+        window: usize,
+    },
+    /// Consume `count` messages in a consumer group, POST each one (or not), then commit
+    /// its offset.
+    KafkaConsume {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value = "bench")]
+        group: String,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+    /// Print a group's committed offset and the topic's end: `INFO committed=… end=…`.
+    KafkaInfo {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value = "bench")]
+        group: String,
+    },
+    /// Delete topics (missing ones are fine).
+    KafkaDelete {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        topics: Vec<String>,
+    },
+    /// (Re)create an SQS queue and send `count` messages to it, in batches of ten.
+    SqsPublish {
+        /// The SQS server's URL.
+        #[arg(long)]
+        sqs: String,
+        #[arg(long)]
+        queue: String,
+        #[arg(long)]
+        count: u64,
+        /// Batches in flight at once.
+        #[arg(long, default_value_t = 8)]
+        window: usize,
+    },
+    /// Receive `count` messages (long polling, ten at a time), POST each one (or not), then
+    /// delete it.
+    SqsConsume {
+        #[arg(long)]
+        sqs: String,
+        #[arg(long)]
+        queue: String,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+    /// Print a queue's state: `INFO visible=… in_flight=…`.
+    SqsInfo {
+        #[arg(long)]
+        sqs: String,
+        #[arg(long)]
+        queue: String,
+    },
+    /// Delete queues (missing ones are fine).
+    SqsDelete {
+        #[arg(long)]
+        sqs: String,
         queues: Vec<String>,
     },
     /// Poll a running `idem consume`'s /metrics until `count` messages are settled.
@@ -623,6 +722,283 @@ async fn watch(
     }
 }
 
+// ------------------------------------------------------------------------ Kafka
+
+fn kafka_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers).set("client.id", "idem-bench-bare");
+    config
+}
+
+async fn kafka_delete(brokers: &str, topics: &[String]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = kafka_config(brokers).create()?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    for result in admin.delete_topics(&names, &AdminOptions::new()).await? {
+        match result {
+            Ok(topic) => eprintln!("deleted topic {topic}"),
+            Err((topic, e)) => eprintln!("topic {topic}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+async fn kafka_publish(brokers: &str, topic: &str, count: u64, window: usize) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = kafka_config(brokers).create()?;
+    let _ = admin.delete_topics(&[topic], &AdminOptions::new()).await;
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(1));
+    for result in admin.create_topics([&new], &AdminOptions::new()).await? {
+        result.map_err(|(topic, e)| anyhow::anyhow!("create topic {topic}: {e}"))?;
+    }
+    let producer: FutureProducer = kafka_config(brokers).create()?;
+    let started = Instant::now();
+    let mut pending = FuturesUnordered::new();
+    for n in 1..=count {
+        let producer = producer.clone();
+        pending.push(async move {
+            let payload = body(n);
+            let record = FutureRecord::<[u8], [u8]>::to(topic).payload(&payload[..]);
+            producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e)
+        });
+        while pending.len() >= window.max(1) {
+            if let Some(sent) = pending.next().await {
+                sent?;
+            }
+        }
+    }
+    while let Some(sent) = pending.next().await {
+        sent?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    #[allow(clippy::cast_precision_loss)]
+    let rate = count as f64 / seconds;
+    println!("PUBLISHED broker=kafka topic={topic} messages={count} seconds={seconds:.3} rate={rate:.0}");
+    Ok(())
+}
+
+async fn kafka_consume(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    count: u64,
+    concurrency: usize,
+    endpoint: Option<String>,
+) -> anyhow::Result<bool> {
+    // The settings `idem consume` uses (src/consumer/kafka.rs).
+    let consumer: StreamConsumer = kafka_config(brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let consumer = Arc::new(consumer);
+    let client = http_client()?;
+    let endpoint: Option<Arc<str>> = endpoint.map(Into::into);
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let tally = Arc::new(Tally::new());
+    // The highest offset settled (one partition, as published): each settlement commits past
+    // it when it moved, so a late commit never moves the group back. (No contiguity
+    // tracking: that is idem's work, and this loop may skip a message a crash left unsent.)
+    let highest = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut received = 0u64;
+    while received < count {
+        let permit = permits.clone().acquire_owned().await?;
+        let message = consumer.recv().await?;
+        received += 1;
+        let (partition, offset) = (message.partition(), message.offset());
+        let payload = message.payload().unwrap_or_default().to_vec();
+        drop(message);
+        let (client, endpoint, tally, consumer) = (client.clone(), endpoint.clone(), tally.clone(), consumer.clone());
+        let (topic, highest) = (topic.to_owned(), highest.clone());
+        tasks.spawn(async move {
+            let delivered = match &endpoint {
+                Some(endpoint) => post(&client, endpoint, &payload).await,
+                None => Ok(()),
+            };
+            let outcome = delivered.and_then(|()| {
+                if highest.fetch_max(offset, Ordering::Relaxed) >= offset {
+                    return Ok(());
+                }
+                let mut list = TopicPartitionList::new();
+                list.add_partition_offset(&topic, partition, Offset::Offset(offset + 1)).map_err(|e| e.to_string())?;
+                consumer.commit(&list, CommitMode::Async).map_err(|e| format!("commit: {e}"))
+            });
+            tally.settled(outcome);
+            drop(permit);
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let mode = if endpoint.is_some() { "http" } else { "ack" };
+    let all_ok = tally.report(mode, count);
+    // The last commit, synchronous, before the group is left.
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Offset(highest.load(Ordering::Relaxed) + 1))?;
+    consumer.commit(&list, CommitMode::Sync)?;
+    Ok(all_ok)
+}
+
+async fn kafka_info(brokers: &str, topic: &str, group: &str) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = kafka_config(brokers).set("group.id", group).create()?;
+    let (topic, group) = (topic.to_owned(), group.to_owned());
+    let (committed, end) = tokio::task::spawn_blocking(move || -> anyhow::Result<(i64, i64)> {
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let partitions: Vec<i32> =
+            metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        let mut list = TopicPartitionList::new();
+        let (mut end, mut committed) = (0, 0);
+        for partition in &partitions {
+            list.add_partition(&topic, *partition);
+            end += consumer.fetch_watermarks(&topic, *partition, Duration::from_secs(10))?.1;
+        }
+        for element in consumer.committed_offsets(list, Duration::from_secs(10))?.elements() {
+            if let Offset::Offset(offset) = element.offset() {
+                committed += offset;
+            }
+        }
+        let _ = group;
+        Ok((committed, end))
+    })
+    .await??;
+    println!("INFO committed={committed} end={end}");
+    Ok(())
+}
+
+// ------------------------------------------------------------------------ SQS
+
+/// A client of the SQS server at `url` (credentials and region from the environment, as
+/// for `idem consume`; `us-east-1` when none is set).
+async fn sqs(url: &str) -> aws_sdk_sqs::Client {
+    let http = aws_smithy_http_client::Builder::new().build_http();
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http).load().await;
+    let mut config = aws_sdk_sqs::config::Builder::from(&shared).endpoint_url(url);
+    if shared.region().is_none() {
+        config = config.region(aws_config::Region::from_static("us-east-1"));
+    }
+    aws_sdk_sqs::Client::from_conf(config.build())
+}
+
+async fn sqs_url(client: &aws_sdk_sqs::Client, queue: &str) -> anyhow::Result<String> {
+    let url = client.get_queue_url().queue_name(queue).send().await?;
+    url.queue_url.ok_or_else(|| anyhow::anyhow!("no URL for queue {queue}"))
+}
+
+async fn sqs_delete(url: &str, queues: &[String]) -> anyhow::Result<()> {
+    let client = sqs(url).await;
+    for queue in queues {
+        match sqs_url(&client, queue).await {
+            Ok(queue_url) => match client.delete_queue().queue_url(queue_url).send().await {
+                Ok(_) => eprintln!("deleted queue {queue}"),
+                Err(e) => eprintln!("queue {queue}: {e}"),
+            },
+            Err(e) => eprintln!("queue {queue}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+async fn sqs_publish(url: &str, queue: &str, count: u64, window: usize) -> anyhow::Result<()> {
+    let client = sqs(url).await;
+    sqs_delete(url, &[queue.to_owned()]).await?;
+    let queue_url = client.create_queue().queue_name(queue).send().await?.queue_url.unwrap_or_default();
+    let started = Instant::now();
+    let mut pending = FuturesUnordered::new();
+    let mut n = 1;
+    while n <= count {
+        let last = (n + 9).min(count);
+        let mut batch = client.send_message_batch().queue_url(&queue_url);
+        for m in n..=last {
+            let body = String::from_utf8(body(m))?;
+            batch =
+                batch.entries(SendMessageBatchRequestEntry::builder().id(m.to_string()).message_body(body).build()?);
+        }
+        pending.push(batch.send());
+        n = last + 1;
+        while pending.len() >= window.max(1) {
+            if let Some(sent) = pending.next().await {
+                anyhow::ensure!(sent?.failed.is_empty(), "the queue refused messages");
+            }
+        }
+    }
+    while let Some(sent) = pending.next().await {
+        anyhow::ensure!(sent?.failed.is_empty(), "the queue refused messages");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    #[allow(clippy::cast_precision_loss)]
+    let rate = count as f64 / seconds;
+    println!("PUBLISHED broker=sqs queue={queue} messages={count} seconds={seconds:.3} rate={rate:.0}");
+    Ok(())
+}
+
+async fn sqs_consume(
+    url: &str,
+    queue: &str,
+    count: u64,
+    concurrency: usize,
+    endpoint: Option<String>,
+) -> anyhow::Result<bool> {
+    let client = sqs(url).await;
+    let queue_url: Arc<str> = sqs_url(&client, queue).await?.into();
+    let http = http_client()?;
+    let endpoint: Option<Arc<str>> = endpoint.map(Into::into);
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let tally = Arc::new(Tally::new());
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut received = 0u64;
+    while received < count {
+        let output = client.receive_message().queue_url(&*queue_url).max_number_of_messages(10).wait_time_seconds(1);
+        for message in output.send().await?.messages.unwrap_or_default() {
+            let (Some(receipt), Some(body)) = (message.receipt_handle, message.body) else { continue };
+            let permit = permits.clone().acquire_owned().await?;
+            received += 1;
+            let (client, http, endpoint, tally, queue_url) =
+                (client.clone(), http.clone(), endpoint.clone(), tally.clone(), queue_url.clone());
+            tasks.spawn(async move {
+                let delivered = match &endpoint {
+                    Some(endpoint) => post(&http, endpoint, body.as_bytes()).await,
+                    None => Ok(()),
+                };
+                let outcome = match delivered {
+                    Ok(()) => {
+                        let delete = client.delete_message().queue_url(&*queue_url).receipt_handle(receipt);
+                        delete.send().await.map(|_| ()).map_err(|e| format!("delete: {e}"))
+                    }
+                    Err(e) => Err(e),
+                };
+                tally.settled(outcome);
+                drop(permit);
+            });
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let mode = if endpoint.is_some() { "http" } else { "ack" };
+    Ok(tally.report(mode, count))
+}
+
+async fn sqs_info(url: &str, queue: &str) -> anyhow::Result<()> {
+    let client = sqs(url).await;
+    let queue_url = sqs_url(&client, queue).await?;
+    let attributes = client
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await?
+        .attributes
+        .unwrap_or_default();
+    let get = |name: &QueueAttributeName| attributes.get(name).cloned().unwrap_or_else(|| "?".into());
+    println!(
+        "INFO visible={} in_flight={}",
+        get(&QueueAttributeName::ApproximateNumberOfMessages),
+        get(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+    );
+    Ok(())
+}
+
 // ------------------------------------------------------------------------ main
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -649,6 +1025,22 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             }
             Command::RabbitInfo { url, queue } => rabbit_info(&url, &queue).await.map(|()| true),
             Command::RabbitDelete { url, queues } => rabbit_delete(&url, &queues).await.map(|()| true),
+            Command::KafkaPublish { brokers, topic, count, window } => {
+                kafka_publish(&brokers, &topic, count, window).await.map(|()| true)
+            }
+            Command::KafkaConsume { brokers, topic, group, count, concurrency, endpoint } => {
+                kafka_consume(&brokers, &topic, &group, count, concurrency, endpoint).await
+            }
+            Command::KafkaInfo { brokers, topic, group } => kafka_info(&brokers, &topic, &group).await.map(|()| true),
+            Command::KafkaDelete { brokers, topics } => kafka_delete(&brokers, &topics).await.map(|()| true),
+            Command::SqsPublish { sqs, queue, count, window } => {
+                sqs_publish(&sqs, &queue, count, window).await.map(|()| true)
+            }
+            Command::SqsConsume { sqs, queue, count, concurrency, endpoint } => {
+                sqs_consume(&sqs, &queue, count, concurrency, endpoint).await
+            }
+            Command::SqsInfo { sqs, queue } => sqs_info(&sqs, &queue).await.map(|()| true),
+            Command::SqsDelete { sqs, queues } => sqs_delete(&sqs, &queues).await.map(|()| true),
             Command::Watch { admin, subscriber, count, interval_ms, timeout } => {
                 watch(&admin, &subscriber, count, Duration::from_millis(interval_ms), Duration::from_secs(timeout))
                     .await

@@ -49,7 +49,11 @@ pub struct RawSource {
     pub nats: Option<RawNats>,
     /// `rabbitmq = { … }`.
     pub rabbitmq: Option<RawRabbit>,
-    /// `"header"` or `{ body = "/pointer" }`.
+    /// `kafka = { … }`.
+    pub kafka: Option<RawKafka>,
+    /// `sqs = { … }`.
+    pub sqs: Option<RawSqs>,
+    /// `"header"`, `"offset"` (Kafka) or `{ body = "/pointer" }`.
     pub message_id: Option<RawMessageId>,
 }
 
@@ -79,6 +83,38 @@ pub struct RawRabbit {
     pub queue: Option<String>,
     /// Where rejected (poison) messages go, set on a queue idem declares.
     pub dead_letter_exchange: Option<String>,
+}
+
+/// `source.kafka`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: Option<String>,
+    /// The topic (created when missing, with the broker's defaults).
+    pub topic: Option<String>,
+    /// The consumer group.
+    pub group: Option<String>,
+    /// Where `needs_review` messages are published.
+    pub dead_letter_topic: Option<String>,
+    /// How long the group waits for a silent member before it hands its partitions on.
+    pub session_timeout: Option<String>,
+}
+
+/// `source.sqs`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSqs {
+    /// The queue's URL (created when missing, named after its last path segment).
+    pub queue_url: Option<String>,
+    /// Another endpoint than AWS's (a local or compatible server).
+    pub endpoint: Option<String>,
+    /// The AWS region (default: the environment's, else `us-east-1`).
+    pub region: Option<String>,
+    /// How long a received message stays invisible to others; extended while it runs.
+    pub visibility_timeout: Option<String>,
+    /// How long one receive waits for messages (long polling, at most 20 s).
+    pub wait_time: Option<String>,
 }
 
 /// `source.message_id`: `"header"` or `{ body = "/id" }`.
@@ -191,12 +227,48 @@ pub enum Broker {
         /// Dead-letter exchange for a queue idem declares.
         dead_letter_exchange: Option<String>,
     },
+    /// Kafka, a consumer group committing offsets by hand.
+    Kafka(Kafka),
+    /// Amazon SQS (or a server that speaks its API).
+    Sqs(Sqs),
+}
+
+/// `source.kafka`, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kafka {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// The topic.
+    pub topic: String,
+    /// The consumer group.
+    pub group: String,
+    /// Where `needs_review` messages are published.
+    pub dead_letter_topic: Option<String>,
+    /// The group's session timeout.
+    pub session_timeout: Duration,
+}
+
+/// `source.sqs`, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sqs {
+    /// The queue's URL.
+    pub queue_url: String,
+    /// A non-AWS endpoint.
+    pub endpoint: Option<String>,
+    /// The region, when the file names one.
+    pub region: Option<String>,
+    /// The visibility timeout of a received message.
+    pub visibility_timeout: Duration,
+    /// Long polling's wait.
+    pub wait_time: Duration,
 }
 
 /// Where a message's id is read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MessageId {
-    /// `Nats-Msg-Id` / the AMQP `message_id` property.
+    /// The broker's id of the message: `Nats-Msg-Id`, the AMQP `message_id` property,
+    /// Kafka's `topic/partition/offset` (`"offset"`), SQS's `MessageDeduplicationId` or
+    /// `MessageId`.
     Header,
     /// A JSON pointer into the message.
     Body(String),
@@ -266,26 +338,53 @@ impl RawConsumer {
 
 impl RawSource {
     fn validate(self, p: &mut Problems) -> (Option<Broker>, Option<MessageId>) {
-        let broker = match (self.nats, self.rabbitmq) {
-            (Some(nats), None) => nats.validate(p),
-            (None, Some(rabbit)) => rabbit.validate(p),
-            (None, None) => {
-                p.push("source", "give nats = { url, stream, subject, durable } or rabbitmq = { url, queue }");
-                None
-            }
-            (Some(_), Some(_)) => {
-                p.push("source", "nats and rabbitmq are given together; give exactly one");
-                None
-            }
+        let given: Vec<&str> = [
+            ("nats", self.nats.is_some()),
+            ("rabbitmq", self.rabbitmq.is_some()),
+            ("kafka", self.kafka.is_some()),
+            ("sqs", self.sqs.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect();
+        let kafka = self.kafka.is_some();
+        let broker = if given.len() > 1 {
+            p.push("source", format_args!("{} are given together; give exactly one", given.join(" and ")));
+            None
+        } else if let Some(nats) = self.nats {
+            nats.validate(p)
+        } else if let Some(rabbit) = self.rabbitmq {
+            rabbit.validate(p)
+        } else if let Some(kafka) = self.kafka {
+            kafka.validate(p)
+        } else if let Some(sqs) = self.sqs {
+            sqs.validate(p)
+        } else {
+            p.push(
+                "source",
+                "give nats = { url, stream, subject, durable }, rabbitmq = { url, queue }, \
+                 kafka = { brokers, topic, group } or sqs = { queue_url }",
+            );
+            None
         };
-        (broker, message_id(self.message_id, p))
+        (broker, message_id(self.message_id, kafka, p))
     }
 }
 
-fn message_id(raw: Option<RawMessageId>, p: &mut Problems) -> Option<MessageId> {
+/// `source.message_id`. Kafka has no id header: there the default is `{ body = "/id" }`,
+/// and `"offset"` names a message by its place (`topic/partition/offset`).
+fn message_id(raw: Option<RawMessageId>, kafka: bool, p: &mut Problems) -> Option<MessageId> {
     match raw {
+        None if kafka => Some(MessageId::Body("/id".into())),
         None => Some(MessageId::Header),
-        Some(WordOr::Word(name)) if name == "header" => Some(MessageId::Header),
+        Some(WordOr::Word(name)) if name == if kafka { "offset" } else { "header" } => Some(MessageId::Header),
+        Some(WordOr::Word(name)) if kafka => {
+            p.push(
+                "source.message_id",
+                format_args!("{name:?}: say \"offset\" or {{ body = \"/id\" }} (Kafka has no id header)"),
+            );
+            None
+        }
         Some(WordOr::Word(name)) => {
             p.push("source.message_id", format_args!("{name:?}: say {}", RawMessageBody::EXPECTED));
             None
@@ -328,6 +427,89 @@ impl RawRabbit {
         }
         Some(Broker::Rabbit { url: url?, queue: queue?, dead_letter_exchange: self.dead_letter_exchange })
     }
+}
+
+impl RawKafka {
+    fn validate(self, p: &mut Problems) -> Option<Broker> {
+        if !cfg!(feature = "kafka") {
+            p.push("source.kafka", "this idem was built without the kafka feature");
+        }
+        let brokers = p.required("source.kafka.brokers", self.brokers, "brokers = \"127.0.0.1:9092\"");
+        let brokers = brokers.and_then(|b| p.check("source.kafka.brokers", kafka_brokers(&b).map(|()| b)));
+        let topic = p.required("source.kafka.topic", self.topic, "topic = \"orders\"");
+        let topic = topic.and_then(|t| p.check("source.kafka.topic", kafka_name(&t).map(|()| t)));
+        let group = p.required("source.kafka.group", self.group, "group = \"orders-sync\"");
+        let group = group.and_then(|g| {
+            let ok = !g.is_empty() && g.len() <= 255;
+            p.check("source.kafka.group", if ok { Ok(g) } else { Err("1 to 255 bytes".into()) })
+        });
+        let dead = self.dead_letter_topic;
+        let dead = dead.and_then(|t| p.check("source.kafka.dead_letter_topic", kafka_name(&t).map(|()| t)));
+        let session = self.session_timeout.as_deref().unwrap_or("45s");
+        let session_timeout = p.check("source.kafka.session_timeout", check::duration(session));
+        Some(Broker::Kafka(Kafka {
+            brokers: brokers?,
+            topic: topic?,
+            group: group?,
+            dead_letter_topic: dead,
+            session_timeout: session_timeout?,
+        }))
+    }
+}
+
+impl RawSqs {
+    fn validate(self, p: &mut Problems) -> Option<Broker> {
+        if !cfg!(feature = "sqs") {
+            p.push("source.sqs", "this idem was built without the sqs feature");
+        }
+        let example = "queue_url = \"https://sqs.eu-west-1.amazonaws.com/123456789012/orders\"";
+        let queue_url = p.required("source.sqs.queue_url", self.queue_url, example);
+        let queue_url = queue_url.and_then(|u| {
+            let named = check::url(&u, &["https", "http"]).and_then(|url| {
+                let name = url.path_segments().and_then(|mut s| s.next_back()).unwrap_or("");
+                if name.is_empty() { Err("the URL must end with the queue's name".to_owned()) } else { Ok(()) }
+            });
+            p.check("source.sqs.queue_url", named.map(|()| u))
+        });
+        let endpoint = self.endpoint;
+        let endpoint =
+            endpoint.and_then(|e| p.check("source.sqs.endpoint", check::url(&e, &["https", "http"]).map(|_| e)));
+        if self.region.as_deref().is_some_and(str::is_empty) {
+            p.push("source.sqs.region", "must not be empty");
+        }
+        let at = "source.sqs.visibility_timeout";
+        let visibility = p.check(at, check::duration(self.visibility_timeout.as_deref().unwrap_or("30s")));
+        let visibility = visibility.and_then(|v| {
+            let ok = v >= Duration::from_secs(3) && v <= Duration::from_secs(12 * 3600);
+            p.check(at, if ok { Ok(v) } else { Err("between 3s and 12h".into()) })
+        });
+        let wait = p.check("source.sqs.wait_time", check::duration(self.wait_time.as_deref().unwrap_or("20s")));
+        let wait = wait.and_then(|w| {
+            let ok = w <= Duration::from_secs(20);
+            p.check(
+                "source.sqs.wait_time",
+                if ok { Ok(w) } else { Err("at most 20s, SQS's long polling limit".into()) },
+            )
+        });
+        Some(Broker::Sqs(Sqs {
+            queue_url: queue_url?,
+            endpoint,
+            region: self.region,
+            visibility_timeout: visibility?,
+            wait_time: wait?,
+        }))
+    }
+}
+
+fn kafka_brokers(s: &str) -> Result<(), String> {
+    let address =
+        |b: &str| b.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !s.is_empty() && s.split(',').all(address) { Ok(()) } else { Err(format!("{s:?}: host:port, comma-separated")) }
+}
+
+fn kafka_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty() && s.len() <= 249 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok { Ok(()) } else { Err(format!("{s:?}: letters, digits, '-', '_' and '.' only (1 to 249)")) }
 }
 
 /// What `[deliver]` validates into: the steps, whether they come from a flow, the ordering
@@ -507,6 +689,11 @@ mod tests {
         let consumer = load(&path, &|_| None).expect("examples/ holds a valid consumer");
         assert_eq!(consumer.subscriber, "orders-sync");
         assert!(consumer.admin.is_some());
+        for (file, kafka) in [("orders-consumer-kafka.toml", true), ("orders-consumer-sqs.toml", false)] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(file);
+            let consumer = load(&path, &|_| None).expect("examples/ holds a valid consumer");
+            assert_eq!(matches!(consumer.broker, Broker::Kafka(_)), kafka, "{file}");
+        }
     }
 
     #[test]
@@ -552,6 +739,50 @@ mod tests {
         assert!(object.contains("deliver.version.object: invalid JSON pointer \"\""), "{object}");
         let capture = problems(&NATS.replace("[deliver]", "[deliver]\ncapture = { id = \"\" }"));
         assert!(capture.contains("deliver.capture.id: invalid JSON pointer \"\""), "{capture}");
+    }
+
+    #[test]
+    fn kafka_and_sqs_sources_are_validated_by_their_paths() {
+        let with = |source: &str| NATS.replace("nats = {", &format!("{source}\n# nats = {{"));
+        let kafka = "kafka = { brokers = \"127.0.0.1:9092\", topic = \"orders\", group = \"orders-sync\" }";
+        let consumer = parse(&with(kafka)).expect("valid");
+        assert_eq!(consumer.message_id, MessageId::Body("/id".into()), "Kafka has no id header");
+        assert!(
+            matches!(&consumer.broker, Broker::Kafka(k) if k.group == "orders-sync" && k.dead_letter_topic.is_none())
+        );
+        let offset = parse(&with(&format!("{kafka}\nmessage_id = \"offset\""))).expect("valid");
+        assert_eq!(offset.message_id, MessageId::Header, "the broker's id: topic/partition/offset");
+        let problems = |text: &str| parse(text).expect_err("invalid").0.join("\n");
+        let header = problems(&with(&format!("{kafka}\nmessage_id = \"header\"")));
+        assert!(header.contains("source.message_id: \"header\": say \"offset\""), "{header}");
+        let bad = problems(&with("kafka = { brokers = \"localhost\", topic = \"a b\", dead_letter_topic = \"\" }"));
+        for needle in [
+            "source.kafka.brokers: \"localhost\": host:port",
+            "source.kafka.topic: \"a b\"",
+            "source.kafka.group: required",
+            "source.kafka.dead_letter_topic",
+        ] {
+            assert!(bad.contains(needle), "{needle} missing from {bad}");
+        }
+        let sqs = "sqs = { queue_url = \"https://sqs.eu-west-1.amazonaws.com/123456789012/orders.fifo\" }";
+        let consumer = parse(&with(sqs)).expect("valid");
+        assert_eq!(consumer.message_id, MessageId::Header, "MessageDeduplicationId, then MessageId");
+        assert!(
+            matches!(&consumer.broker, Broker::Sqs(q) if q.wait_time == Duration::from_secs(20) && q.endpoint.is_none())
+        );
+        let bad = problems(&with(
+            "sqs = { queue_url = \"https://h/\", endpoint = \"ftp://h\", wait_time = \"30s\", visibility_timeout = \"1s\" }",
+        ));
+        for needle in [
+            "source.sqs.queue_url: the URL must end with the queue's name",
+            "source.sqs.endpoint: the scheme must be one of https, http",
+            "source.sqs.wait_time: at most 20s",
+            "source.sqs.visibility_timeout: between 3s and 12h",
+        ] {
+            assert!(bad.contains(needle), "{needle} missing from {bad}");
+        }
+        let both = problems(&NATS.replace("[deliver]", &format!("{sqs}\n[deliver]")));
+        assert!(both.contains("source: nats and sqs are given together"), "{both}");
     }
 
     #[test]

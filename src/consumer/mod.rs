@@ -1,6 +1,6 @@
 //! `idem consume`: the idempotent consumer for at-least-once brokers (SPEC §6).
 //!
-//! A broker task ([`nats`], [`rabbitmq`]) feeds [`Inbound`] messages; each is decided and
+//! A broker task ([`nats`], [`rabbitmq`], `kafka`, `sqs`) feeds [`Inbound`] messages; each is decided and
 //! delivered by the runner's engine (one step, `[deliver]`, or a flow's steps) under the
 //! same records, decision and stores as `idem run`: the message id is the unit's key, its
 //! records are `consumer:{subscriber}` (a flow's steps: `consumer:{subscriber}:{step}`),
@@ -22,9 +22,13 @@
 
 pub mod config;
 pub mod guard;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod nats;
 pub mod postgres;
 pub mod rabbitmq;
+#[cfg(feature = "sqs")]
+pub mod sqs;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -66,7 +70,8 @@ pub struct ConsumeArgs {
 
 /// One message as the broker delivered it.
 pub struct Inbound {
-    /// `Nats-Msg-Id` / the AMQP `message_id` property.
+    /// The broker's id of the message: `Nats-Msg-Id`, the AMQP `message_id` property,
+    /// Kafka's `topic/partition/offset`, SQS's `MessageDeduplicationId` or `MessageId`.
     pub header_id: Option<String>,
     /// The body.
     pub payload: Bytes,
@@ -187,6 +192,16 @@ pub async fn run(consumer: Consumer, shutdown: impl Future<Output = ()> + Send +
             };
             tokio::spawn(rabbitmq::feed(source, consumer.subscriber.clone(), sender, closing.clone()))
         }
+        #[cfg(feature = "kafka")]
+        Broker::Kafka(source) => {
+            tokio::spawn(kafka::feed(source.clone(), consumer.subscriber.clone(), sender, closing.clone()))
+        }
+        #[cfg(feature = "sqs")]
+        Broker::Sqs(source) => {
+            tokio::spawn(sqs::feed(source.clone(), consumer.subscriber.clone(), sender, closing.clone()))
+        }
+        #[allow(unreachable_patterns)] // Refused by the file's validation when not built in.
+        _ => return Err(Error::Reported("this idem was built without that broker".into())),
     };
     let admin = match consumer.admin {
         Some((address, token)) => {

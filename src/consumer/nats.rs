@@ -1,7 +1,9 @@
 //! NATS JetStream as a source: a durable pull consumer with explicit acks. The stream and
 //! the consumer are created when missing; a retryable failure is a `nak` with a delay; a
 //! poison message is terminated (`term`: never redelivered; the stream keeps it under its
-//! own limits).
+//! own limits). While a message waits and runs, an in-progress acknowledgement every
+//! third of `ack_wait` keeps the server from redelivering it, so a delivery slower than
+//! `ack_wait` never races a second one.
 //!
 //! TLS: `tls://host:port`, or a `nats://` server that requires it, is verified against the
 //! roots of [`crate::tls`] (a private CA through `SSL_CERT_FILE`). A handshake that fails
@@ -132,8 +134,9 @@ async fn consume(
             .as_ref()
             .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
             .map(|value| value.as_str().to_owned());
-        let inbound =
-            Inbound { header_id, payload: message.payload.clone(), deliveries, settle: Box::new(Settled(message)) };
+        let progress = Progress::start(message.clone(), source.ack_wait);
+        let settle = Box::new(Settled(message, progress));
+        let inbound = Inbound { header_id, payload: settle.0.payload.clone(), deliveries, settle };
         if messages.send(inbound).await.is_err() {
             return Ok(());
         }
@@ -167,21 +170,52 @@ fn scopeguard(task: tokio::task::JoinHandle<()>) -> impl Drop {
     Abort(task)
 }
 
-struct Settled(jetstream::Message);
+/// The in-progress acknowledgements of one message until it is settled (dropped).
+struct Progress(tokio::task::JoinHandle<()>);
+
+impl Progress {
+    fn start(message: jetstream::Message, ack_wait: Duration) -> Progress {
+        Progress(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ack_wait / 3).await;
+                if let Err(error) = message.ack_with(AckKind::Progress).await {
+                    tracing::debug!(%error, "NATS: an in-progress acknowledgement failed");
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Settled(jetstream::Message, Progress);
+
+impl Settled {
+    /// The message, its in-progress acknowledgements stopped.
+    fn settling(self: Box<Self>) -> jetstream::Message {
+        let Settled(message, progress) = *self;
+        drop(progress);
+        message
+    }
+}
 
 #[async_trait::async_trait]
 impl Settle for Settled {
     /// A plain ack: queued in the client, flushed before a graceful stop closes the
     /// connection. One lost in a crash brings the message back, and the store recognises it.
     async fn ack(self: Box<Self>) -> Result<(), String> {
-        self.0.ack().await.map_err(|e| e.to_string())
+        self.settling().ack().await.map_err(|e| e.to_string())
     }
 
     async fn retry(self: Box<Self>, after: Duration) -> Result<(), String> {
-        self.0.ack_with(AckKind::Nak(Some(after))).await.map_err(|e| e.to_string())
+        self.settling().ack_with(AckKind::Nak(Some(after))).await.map_err(|e| e.to_string())
     }
 
     async fn reject(self: Box<Self>) -> Result<(), String> {
-        self.0.ack_with(AckKind::Term).await.map_err(|e| e.to_string())
+        self.settling().ack_with(AckKind::Term).await.map_err(|e| e.to_string())
     }
 }

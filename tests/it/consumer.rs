@@ -22,13 +22,13 @@ use crate::support::{
     spawn_until_ready, unique_suffix, wait_for_exit,
 };
 
-fn nats_url() -> String {
+pub fn nats_url() -> String {
     let url = std::env::var("IDEM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     require_service("NATS", "IDEM_TEST_NATS_URL", &url);
     url
 }
 
-fn rabbit_url() -> String {
+pub fn rabbit_url() -> String {
     let url =
         std::env::var("IDEM_TEST_RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     require_service("RabbitMQ", "IDEM_TEST_RABBITMQ_URL", &url);
@@ -36,32 +36,40 @@ fn rabbit_url() -> String {
 }
 
 /// A running `idem consume` with its consumer file and logs in a temp dir.
-struct Consumer {
-    dir: TempDir,
+pub struct Consumer {
+    pub dir: TempDir,
     file: PathBuf,
     subscriber: String,
     child: Option<Child>,
     admin: String,
     starts: u32,
+    env: Vec<(String, String)>,
 }
 
 impl Consumer {
     /// Starts `idem consume` on `toml` (which must configure `[admin] listen = "127.0.0.1:0"`).
-    async fn start(subscriber: &str, toml: &str) -> Consumer {
+    pub async fn start(subscriber: &str, toml: &str) -> Consumer {
+        Consumer::start_with_env(subscriber, toml, &[]).await
+    }
+
+    /// [`Consumer::start`] with these environment variables set for the process.
+    pub async fn start_with_env(subscriber: &str, toml: &str, env: &[(&str, &str)]) -> Consumer {
         let dir = tempfile::tempdir().expect("a temp dir");
         let file = dir.path().join("consumer.toml");
         std::fs::write(&file, toml).expect("write the consumer file");
-        let mut consumer =
-            Consumer { dir, file, subscriber: subscriber.to_owned(), child: None, admin: String::new(), starts: 0 };
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let subscriber = subscriber.to_owned();
+        let mut consumer = Consumer { dir, file, subscriber, child: None, admin: String::new(), starts: 0, env };
         consumer.spawn().await;
         consumer
     }
 
-    async fn spawn(&mut self) {
+    pub async fn spawn(&mut self) {
         self.starts += 1;
         let (stdout, stderr) = self.log_files();
         let mut command = idem();
         command.arg("consume").arg(&self.file).current_dir(self.dir.path());
+        command.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let prefix = format!("idem consume {}: admin http://", self.subscriber);
         let (child, line) = spawn_until_ready(command, &stdout, &stderr, &prefix).await;
         self.admin = line[prefix.len()..].to_owned();
@@ -73,7 +81,7 @@ impl Consumer {
         (self.dir.path().join(format!("consume-{n}.stdout")), self.dir.path().join(format!("consume-{n}.stderr")))
     }
 
-    fn logs(&self) -> String {
+    pub fn logs(&self) -> String {
         (1..=self.starts)
             .map(|n| {
                 let err = self.dir.path().join(format!("consume-{n}.stderr"));
@@ -83,7 +91,7 @@ impl Consumer {
     }
 
     /// `idem_messages_total{subscriber, decision}`.
-    async fn count(&self, decision: &str) -> u64 {
+    pub async fn count(&self, decision: &str) -> u64 {
         let Ok(reply) = client().get(format!("http://{}/metrics", self.admin)).send().await else { return 0 };
         let text = reply.text().await.unwrap_or_default();
         text.lines()
@@ -95,19 +103,19 @@ impl Consumer {
             .sum()
     }
 
-    fn kill9(&mut self) {
+    pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().expect("kill -9");
             child.wait().expect("reap");
         }
     }
 
-    async fn restart(&mut self) {
+    pub async fn restart(&mut self) {
         self.kill9();
         self.spawn().await;
     }
 
-    async fn terminate(&mut self) -> ExitStatus {
+    pub async fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         let pid = child.id().to_string();
         std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
@@ -125,7 +133,7 @@ impl Drop for Consumer {
 }
 
 /// Polls `test` until it holds; panics with `what` after 60 s.
-async fn eventually<F: Future<Output = bool>>(what: &str, mut test: impl FnMut() -> F) {
+pub async fn eventually<F: Future<Output = bool>>(what: &str, mut test: impl FnMut() -> F) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !test().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -361,7 +369,7 @@ async fn two_consumers_on_one_postgres_store_share_the_work_without_duplicates()
 // ---------------------------------------------------------------------------------------
 // RabbitMQ
 
-async fn rabbit() -> Connection {
+pub async fn rabbit() -> Connection {
     let properties = ConnectionProperties::default()
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio::current());

@@ -6,6 +6,7 @@ mod admin;
 mod architecture;
 mod bad_input;
 mod broker_tls;
+mod brokers;
 mod browser_support;
 mod consumer;
 mod crash;

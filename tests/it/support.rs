@@ -649,8 +649,13 @@ pub struct Relay {
 impl Relay {
     /// Starts relaying to `target` (host:port).
     pub async fn start(target: &str) -> Relay {
+        Relay::start_at("127.0.0.1:0", target).await
+    }
+
+    /// Starts relaying from `listen` (host:port) to `target`.
+    pub async fn start_at(listen: &str, target: &str) -> Relay {
         use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("the relay listens");
+        let listener = tokio::net::TcpListener::bind(listen).await.expect("the relay listens");
         let address = listener.local_addr().expect("an address");
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -44,6 +44,20 @@ pub enum Error {
     Config(String),
 }
 
+/// The HTTP client builder for idem's own outbound calls other than the gateway's proxy
+/// (runner steps, consumer deliveries, lookups): this module's one TLS configuration, so
+/// `SSL_CERT_FILE` means for them what it means for the gateway's upstream (reqwest's own
+/// roots would differ). A preconfigured config is used as given, so ALPN is offered here as
+/// reqwest offers it for a config it builds (HTTP/2 where the server agrees).
+pub fn http_client_builder() -> Result<reqwest::ClientBuilder, Error> {
+    let mut tls = client_config()?.as_ref().clone();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .pool_idle_timeout(std::time::Duration::from_secs(30))
+        .user_agent(concat!("idem/", env!("CARGO_PKG_VERSION"))))
+}
+
 /// What a client checks of the server's certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Check {

@@ -380,15 +380,10 @@ pub fn lease_for(timeout: Duration) -> Millis {
     crate::core::units::millis(timeout * 2 + Duration::from_secs(1))
 }
 
-/// The HTTP client lookups use: the one TLS configuration (`SSL_CERT_FILE` included).
+/// The HTTP client lookups use: [`crate::tls::http_client_builder`]'s, `SSL_CERT_FILE`
+/// included.
 pub fn client() -> Result<reqwest::Client, String> {
-    let mut tls = crate::tls::client_config().map_err(|e| e.to_string())?.as_ref().clone();
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .user_agent(concat!("idem/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| e.to_string())
+    crate::tls::http_client_builder().map_err(|e| e.to_string())?.build().map_err(|e| e.to_string())
 }
 
 /// The innermost cause of an error, which says what actually went wrong (the runner's calls

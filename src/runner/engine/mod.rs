@@ -186,18 +186,7 @@ impl Engine {
         keys: Keys,
         attempts: Attempts,
     ) -> Result<Self, Error> {
-        // The one TLS configuration (`tls`), so `SSL_CERT_FILE` means for a step's endpoint
-        // what it means for the gateway's upstream; reqwest's own roots would differ. A
-        // preconfigured config is used as given, so ALPN is offered here as reqwest offers it
-        // for a config it builds (HTTP/2 where the endpoint agrees).
-        let mut tls = crate::tls::client_config()?.as_ref().clone();
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .user_agent(concat!("idem/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| Error::Client(e.to_string()))?;
+        let http = crate::tls::http_client_builder()?.build().map_err(|e| Error::Client(e.to_string()))?;
         let limiter = flow
             .rate_limit
             .filter(|rate| *rate > 0.0)

@@ -2,6 +2,7 @@
 //! gateway. Tables for people, `--json` for scripts.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -178,7 +179,7 @@ async fn execute(args: LogArgs) -> anyhow::Result<Result<(), String>> {
         LogCommand::Verify { config, scope, key, tenant } => {
             let text = std::fs::read_to_string(&config)?;
             let lookups = crate::verify::Lookups::from_file(&text, &config.display().to_string())?;
-            return verify(out, store.as_ref(), &lookups, scope, key, tenant, args.json).await;
+            return verify(out, &store, &lookups, scope, key, tenant, args.json).await;
         }
         LogCommand::Purge => {
             let removed = crate::host::purge_all(store.as_ref(), &Default::default()).await;
@@ -206,7 +207,7 @@ async fn execute(args: LogArgs) -> anyhow::Result<Result<(), String>> {
 /// or a record that cannot be verified, makes the command fail.
 async fn verify(
     out: &mut impl Write,
-    store: &dyn Store,
+    store: &Arc<dyn Store>,
     lookups: &crate::verify::Lookups,
     scope: String,
     key: Option<String>,
@@ -226,8 +227,8 @@ async fn verify(
                 limit: usize::MAX,
                 ..ListQuery::default()
             };
-            let mut records = list_all(store, query(crate::core::Status::OutcomeUnknown)).await?;
-            let dead = list_all(store, query(crate::core::Status::InProgress)).await?;
+            let mut records = list_all(store.as_ref(), query(crate::core::Status::OutcomeUnknown)).await?;
+            let dead = list_all(store.as_ref(), query(crate::core::Status::InProgress)).await?;
             records.extend(dead.into_iter().filter(|r| !r.lease_alive(now_millis())));
             records.into_iter().map(|r| r.id).collect()
         }

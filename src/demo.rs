@@ -25,7 +25,8 @@
 //! executed calls (the latest [`LOOKUP_KEPT`]): `{"data": [answer, …]}` with every answer
 //! whose `FIELD` (or whose request body's `FIELD`) is `VALUE`, e.g.
 //! `?idempotency_key=k1` or `?order_id=42` — a destination that can say whether an action
-//! happened, for `verify` lookups; it honours `X-Demo-Status` too (a lookup that fails). `--tls-cert`/`--tls-key` make it an HTTPS API.
+//! happened, for `verify` lookups; it honours `X-Demo-Status` (a lookup that fails) and
+//! `X-Demo-Delay` (a slow search) too. `--tls-cert`/`--tls-key` make it an HTTPS API.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
@@ -255,6 +256,10 @@ async fn handle(
             if let Some(status) = header(&parts.headers, "x-demo-status").and_then(|s| s.parse::<u16>().ok()) {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 return Ok(whole(json_response(status, &json!({ "error": "lookup failed on request" }))));
+            }
+            if let Some(delay) = header(&parts.headers, "x-demo-delay").and_then(|d| humantime::parse_duration(&d).ok())
+            {
+                tokio::time::sleep(delay.min(Duration::from_secs(600))).await;
             }
             let wanted: Vec<(String, String)> =
                 url::form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes()).into_owned().collect();

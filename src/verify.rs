@@ -21,7 +21,8 @@ use crate::core::{
     ClaimPolicy, Decision, Intent, LeaseToken, Lookup as LookupPolicy, Millis, OnChange, OnUnknown, Outcome, Record,
     Replays, StoredResponse, settled_by_lookup,
 };
-use crate::store::{self, Store};
+use crate::store::clock::Clock;
+use crate::store::{self, Store, owner};
 use crate::template::{Context, Escape, JsonTemplate, Placeholder, Template, url_template};
 
 /// The header every answer settled by a lookup carries, replays included.
@@ -235,12 +236,15 @@ pub struct Scoped {
     pub lookup: Arc<Lookup>,
     /// How long it may take (a route's `upstream_timeout`, a flow's `timeout`).
     pub timeout: Duration,
+    /// The lease a verifier holds, renewed while it asks: the scope's own (a route's
+    /// `lease`), so a verifier that dies blocks retries no longer than an owner would.
+    pub lease: Duration,
 }
 
 impl Lookups {
     /// Adds `scope`'s lookup.
-    pub fn insert(&mut self, scope: impl Into<String>, lookup: Arc<Lookup>, timeout: Duration) {
-        self.0.insert(scope.into(), Scoped { lookup, timeout });
+    pub fn insert(&mut self, scope: impl Into<String>, lookup: Arc<Lookup>, timeout: Duration, lease: Duration) {
+        self.0.insert(scope.into(), Scoped { lookup, timeout, lease });
     }
 
     /// The lookup of `scope`; an OData client's scope (`ROUTE#CLIENT-ID`) uses its route's.
@@ -274,12 +278,12 @@ impl Lookups {
         };
         let text_of = |t: &toml::Table, k: &str| t.get(k).and_then(toml::Value::as_str).map(str::to_owned);
         let budget = |t: &toml::Table, k: &str| text_of(t, k).and_then(|d| check::duration(&d).ok());
-        let mut add = |scope: String, table: &toml::Table, at: String, timeout: Duration, p: &mut Problems| {
+        let mut add = |scope: String, table: &toml::Table, at: String, timeout: Duration, lease, p: &mut Problems| {
             let Some(raw) = table.get("verify") else { return };
             match RawVerify::deserialize(raw.clone()) {
                 Ok(raw) => {
                     if let Some(lookup) = raw.validate(&at, p) {
-                        lookups.insert(scope, Arc::new(lookup), timeout);
+                        lookups.insert(scope, Arc::new(lookup), timeout, lease);
                     }
                 }
                 Err(e) => p.push(&at, e.message()),
@@ -289,19 +293,22 @@ impl Lookups {
         for (i, route) in tables("routes").iter().filter_map(toml::Value::as_table).enumerate() {
             let name = text_of(route, "name").unwrap_or_else(|| "default".into());
             let timeout = budget(route, "upstream_timeout").unwrap_or(Duration::from_secs(30));
-            add(name, route, format!("routes[{i}].verify"), timeout, &mut p);
+            let lease = budget(route, "lease").unwrap_or(Duration::from_secs(30));
+            add(name, route, format!("routes[{i}].verify"), timeout, lease, &mut p);
         }
         let flow_timeout = budget(&doc, "timeout").unwrap_or(Duration::from_secs(30));
+        let flow_lease = lease_for(flow_timeout);
         if let Some(flow) = text_of(&doc, "flow") {
             for (i, step) in tables("steps").iter().filter_map(toml::Value::as_table).enumerate() {
                 let name = text_of(step, "name").unwrap_or_default();
-                add(format!("{flow}:{name}"), step, format!("steps[{i}].verify"), flow_timeout, &mut p);
+                add(format!("{flow}:{name}"), step, format!("steps[{i}].verify"), flow_timeout, flow_lease, &mut p);
             }
         }
         if let (Some(subscriber), Some(deliver)) =
             (text_of(&doc, "subscriber"), doc.get("deliver").and_then(toml::Value::as_table))
         {
-            add(format!("consumer:{subscriber}"), deliver, "deliver.verify".into(), flow_timeout, &mut p);
+            let at = "deliver.verify".into();
+            add(format!("consumer:{subscriber}"), deliver, at, flow_timeout, flow_lease, &mut p);
         }
         p.finish(crate::config::Kind::Gateway, Some(lookups))
     }
@@ -309,13 +316,13 @@ impl Lookups {
     /// Settles `record` by its scope's lookup (see [`settle`]); `None` when its scope has none.
     pub async fn settle(
         &self,
-        store: &dyn Store,
+        store: &Arc<dyn Store>,
         record: &Record,
         client: &reqwest::Client,
-        now: impl Fn() -> Millis,
+        clock: Clock,
     ) -> Result<Option<Settled>, store::Error> {
         let Some(scoped) = self.get(&record.id.scope) else { return Ok(None) };
-        settle(store, record, &scoped.lookup, client, scoped.timeout, now).await.map(Some)
+        settle(store, record, scoped, client, clock).await.map(Some)
     }
 }
 
@@ -345,23 +352,23 @@ pub async fn conclude(
 }
 
 /// Settles `record` on demand (the reconciler, the admin API, `idem log verify`): claims it
-/// for verification with its own fingerprint, then [`conclude`]s. Nothing is asked unless
-/// the record is unknown and no other verifier holds it.
+/// for verification with its own fingerprint under the scope's lease, renewed while the
+/// lookup runs, then [`conclude`]s. Nothing is asked unless the record is unknown and no
+/// other verifier holds it.
 pub async fn settle(
-    store: &dyn Store,
+    store: &Arc<dyn Store>,
     record: &Record,
-    lookup: &Lookup,
+    scoped: &Scoped,
     client: &reqwest::Client,
-    timeout: Duration,
-    now: impl Fn() -> Millis,
+    clock: Clock,
 ) -> Result<Settled, store::Error> {
     let intent = Intent {
         id: record.id.clone(),
         fingerprint: record.fingerprint,
-        now: now(),
+        now: clock.now(),
         // Read by an execution's transition only; a verification keeps the record's expiry.
         ttl_ms: 0,
-        lease_ms: lease_for(timeout),
+        lease_ms: crate::core::units::millis(scoped.lease),
         correlation_id: None,
     };
     let claim = store.claim(&intent, ON_DEMAND).await?;
@@ -370,14 +377,17 @@ pub async fn settle(
     };
     let (fields, steps) = (Map::new(), HashMap::new());
     let ctx = Context { record: &fields, steps: &steps, key: &record.id.key };
-    let finding = conclude(store, record, token, lookup.ask(client, &ctx, timeout), now).await?;
-    Ok(Settled::Looked(finding))
+    let renewal = owner::keep_alive(store.clone(), record.id.clone(), token, scoped.lease, clock);
+    let ask = scoped.lookup.ask(client, &ctx, scoped.timeout);
+    let finding = conclude(store.as_ref(), record, token, ask, || clock.now()).await;
+    drop(renewal);
+    Ok(Settled::Looked(finding?))
 }
 
-/// The lease a verifier takes: the lookup's whole budget and a margin, so a live verifier's
-/// lease never runs out under it.
-pub fn lease_for(timeout: Duration) -> Millis {
-    crate::core::units::millis(timeout * 2 + Duration::from_secs(1))
+/// The lease of a runner's steps and a consumer's deliveries: the whole budget and a
+/// margin, so a live owner's lease never runs out under it.
+pub fn lease_for(timeout: Duration) -> Duration {
+    timeout * 2 + Duration::from_secs(1)
 }
 
 /// The HTTP client lookups use: [`crate::tls::http_client_builder`]'s, `SSL_CERT_FILE`

@@ -286,7 +286,7 @@ async fn resolve(
 }
 
 async fn verify(State(admin): State<Arc<Admin>>, Addressed(id): Addressed) -> Result<Json<Value>, AdminError> {
-    verify_now(admin.store.as_ref(), &admin.lookups, &id).await.map(Json)
+    verify_now(&admin.store, &admin.lookups, &id).await.map(Json)
 }
 
 /// Runs the lookup of `id`'s scope now (the admin API's `verify`, `idem log verify`):
@@ -294,7 +294,7 @@ async fn verify(State(admin): State<Arc<Admin>>, Addressed(id): Addressed) -> Re
 /// the finding left it. A record that is not unknown, or a scope without a lookup, is a
 /// `409`.
 pub async fn verify_now(
-    store: &dyn Store,
+    store: &Arc<dyn Store>,
     lookups: &crate::verify::Lookups,
     id: &RecordId,
 ) -> Result<Value, AdminError> {
@@ -309,7 +309,7 @@ pub async fn verify_now(
             "No HTTP client for lookups; see the logs.".into(),
         )
     })?;
-    let settled = lookups.settle(store, &record, &client, now_millis).await?;
+    let settled = lookups.settle(store, &record, &client, crate::store::clock::Clock::System).await?;
     let finding = match settled {
         None => return Err(conflict("no-lookup", format!("Scope {:?} has no verify lookup configured.", id.scope))),
         Some(Settled::NotUnknown(decision)) => {

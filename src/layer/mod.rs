@@ -186,12 +186,12 @@ impl IdemLayer {
     }
 
     /// The lookups of the routes that have one (`verify`), by route name, each with its
-    /// route's `upstream_timeout`: what [`reconcile::reconcile`] and the admin API settle with.
+    /// route's `upstream_timeout` and `lease`: what [`reconcile::reconcile`] and the admin API settle with.
     pub fn lookups(&self) -> crate::verify::Lookups {
         let mut lookups = crate::verify::Lookups::default();
         for route in self.shared.routes.iter() {
             if let Some(lookup) = &route.verify {
-                lookups.insert(route.name.clone(), lookup.clone(), route.upstream_timeout);
+                lookups.insert(route.name.clone(), lookup.clone(), route.upstream_timeout, route.lease);
             }
         }
         lookups

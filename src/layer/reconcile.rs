@@ -55,7 +55,7 @@ pub async fn reconcile(store: Arc<dyn Store>, lookups: Lookups, clock: Clock, st
             if stop.is_cancelled() {
                 return;
             }
-            settle_one(store.as_ref(), &lookups, &client, clock, &id, &mut due).await;
+            settle_one(&store, &lookups, &client, clock, &id, &mut due).await;
             tokio::time::sleep(Duration::from_secs(1) / RATE).await;
         }
         let wake = due.values().map(|d| d.at).min().unwrap_or(next_scan).min(next_scan);
@@ -105,7 +105,7 @@ async fn scan(store: &dyn Store, lookups: &Lookups, now: Millis, due: &mut BTree
 /// One lookup: settled records leave `due`; a failure, or a lease someone else holds, puts
 /// the record back for later.
 async fn settle_one(
-    store: &dyn Store,
+    store: &Arc<dyn Store>,
     lookups: &Lookups,
     client: &reqwest::Client,
     clock: Clock,
@@ -124,7 +124,7 @@ async fn settle_one(
         due.remove(id);
         return;
     };
-    let settled = lookups.settle(store, &record, client, || clock.now()).await;
+    let settled = lookups.settle(store, &record, client, clock).await;
     let key_hash = key::hash_for_logs(&id.key);
     match settled {
         Ok(Some(Settled::Looked(Finding::Failed(why)))) => {

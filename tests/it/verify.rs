@@ -145,6 +145,36 @@ async fn the_reconciler_settles_unknown_outcomes_nobody_retried() {
     assert_eq!((upstream.calls_for("quiet-1").await, upstream.calls_for("quiet-2").await), (1, 1));
 }
 
+/// A verifier holds the route's `lease`, renewed while it asks, not the lookup's whole
+/// budget: a reconciler killed in the middle of a slow lookup leaves a record that the next
+/// one settles once that lease ran out.
+#[tokio::test]
+async fn a_reconciler_killed_mid_lookup_holds_the_record_no_longer_than_the_lease() {
+    let upstream = Upstream::start().await;
+    let slow = routes(&upstream, r#", headers = { "X-Demo-Delay" = "3s" }"#).replace(
+        r#"upstream_timeout = "2s""#,
+        r#"upstream_timeout = "10s"
+        lease = "1s""#,
+    );
+    let mut gateway = Gateway::start(&upstream.url(), &slow).await;
+    lose_answer(&gateway, "slow-1", "drop").await;
+    gateway.kill9();
+    gateway.restart().await;
+    let verifying =
+        gateway.wait_for_record("orders", "slow-1", "a verifier's lease", |r| r["status"] == "in_progress").await;
+    let until = humantime::parse_rfc3339(verifying["locked_until"].as_str().expect("a lease")).expect("a time");
+    let left = until.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    assert!(left <= std::time::Duration::from_secs(2), "the route's 1 s lease, not 2 × 10 s: {verifying}");
+    let retry = send(post(&gateway, "slow-1")).await;
+    assert_problem(&retry, 409, "request-in-flight");
+
+    gateway.kill9();
+    gateway.restart().await;
+    let found = gateway.wait_for_status("orders", "slow-1", "completed").await;
+    assert!(found["error_summary"].as_str().unwrap_or_default().starts_with("settled by lookup"), "{found}");
+    assert_eq!(upstream.calls_for("slow-1").await, 1, "nothing was sent again");
+}
+
 #[tokio::test]
 async fn operators_run_a_lookup_on_demand_through_the_admin_api() {
     let upstream = Upstream::start().await;

@@ -192,7 +192,7 @@ impl Engine {
             .filter(|rate| *rate > 0.0)
             .and_then(|rate| Quota::with_period(Duration::from_secs_f64(1.0 / rate)))
             .map(RateLimiter::direct);
-        let lease = flow.timeout * 2 + Duration::from_secs(1);
+        let lease = crate::verify::lease_for(flow.timeout);
         let progress = Progress::Quiet;
         Ok(Self { flow, store, http, limiter, lease, mode, keys, attempts, progress })
     }

@@ -34,6 +34,14 @@
 #                         the mode's requests, and the store server's own (redis-server,
 #                         every postgres process) for Redis and PostgreSQL. Wall-clock
 #                         noise moves it a little (caches, migrations); instructions don't.
+#                         Beside it, the gateway's context switches per request (every
+#                         thread's voluntary + involuntary, /proc/PID/task/*/status): how
+#                         often a request's work hands over between threads and sleeps.
+#   syscalls/request      the gateway under `strace -c -f` (SYSCALLS=1): every thread's
+#                         system calls over SYSCALL_N requests of a mode, by call, divided
+#                         by SYSCALL_N. strace slows the gateway, so the counts (which
+#                         wake-ups happen) move with timing a little; the calls a request
+#                         makes (reads, writes, fsync) do not.
 #
 # Usage:
 #   bench/cost.sh                                # every store, N=400
@@ -44,14 +52,16 @@
 #   STORES="sqlite memory redis postgres"   MODES="miss replay passthrough"
 #   N=400  WARM=50  CONNECTIONS=8
 #   NATIVE_N=4000                requests per mode for the CPU time (its clock ticks are 10 ms)
-#   CALLGRIND=1  NATIVE=1        which measures to take
+#   SYSCALL_N=1000               requests per mode under strace
+#   CALLGRIND=1  NATIVE=1  SYSCALLS=1   which measures to take
 #   PROFILE=release              the cargo profile built (bench-fast: no LTO, for
 #                                iterating; final figures come from release)
 #   IDEM_BIN=path                use this binary, no build; SKIP_BUILD=1 skips it too
 #   KEEP_TMP=1                   keep logs and callgrind files
 #   REDIS_URL, POSTGRES_URL      the shared servers
 #
-# Needs: bash, curl, python3, nginx and valgrind (installed with apt-get when missing), cargo.
+# Needs: bash, curl, python3, nginx, valgrind and strace (installed with apt-get when
+# missing), cargo.
 
 set -euo pipefail
 
@@ -66,6 +76,8 @@ WARM=${WARM:-50}
 CONNECTIONS=${CONNECTIONS:-8}
 CALLGRIND=${CALLGRIND:-1}
 NATIVE=${NATIVE:-1}
+SYSCALLS=${SYSCALLS:-1}
+SYSCALL_N=${SYSCALL_N:-1000}
 PROFILE=${PROFILE:-release}
 KEEP_TMP=${KEEP_TMP:-0}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
@@ -110,6 +122,7 @@ done
 
 need_packages nginx curl python3
 ((CALLGRIND)) && need_packages valgrind
+((SYSCALLS)) && need_packages strace
 
 if [[ -n ${IDEM_BIN:-} ]]; then
     [[ -x $IDEM_BIN ]] || die "IDEM_BIN=$IDEM_BIN is not an executable"
@@ -147,18 +160,13 @@ store_url() {
     esac
 }
 
-# cpu_ticks PID...: utime+stime of the processes, in clock ticks (a process gone counts 0).
-cpu_ticks() {
-    local total=0 pid fields
-    for pid in "$@"; do
-        fields=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
-        fields=${fields##*) }
-        read -r -a f <<<"$fields"
-        total=$((total + f[11] + f[12]))
-    done
-    echo "$total"
+
+# context_switches PID: the voluntary and involuntary context switches of every thread
+# of PID, summed (threads that have exited are not counted).
+context_switches() {
+    cat /proc/"$1"/task/*/status 2>/dev/null |
+        awk '/^(non)?voluntary_ctxt_switches:/ { s += $2 } END { print s + 0 }'
 }
-TICK=$(getconf CLK_TCK)
 
 # server_pids STORE: the store server's processes, whose CPU a request also costs.
 server_pids() {
@@ -226,10 +234,10 @@ warm_up() { # URL TAG
     for mode in $MODES; do run_mode "$1" "$mode" "$2-warm" "$WARM"; done
 }
 
-declare -A CPU_US=() SERVER_US=() INSTR=() PART=()
+declare -A CPU_US=() SERVER_US=() SWITCHES=() INSTR=() PART=() SYSCALL=() SYSCALL_TOP=()
 
 native_pass() { # STORE
-    local store=$1 pids t0 t1 s0 s1 mode tag=n-$RUN_ID-$1
+    local store=$1 pids t0 t1 c0 c1 s0 s1 mode tag=n-$RUN_ID-$1
     start_idem "native-$store" "$(store_url "$store" native)"
     prime_replay "$GW_URL" "$tag"
     prime_replay "$GW_URL" "$tag-warm"
@@ -237,10 +245,13 @@ native_pass() { # STORE
     for mode in $MODES; do
         pids=$(server_pids "$store")
         t0=$(cpu_ticks "$GW_PID")
+        c0=$(context_switches "$GW_PID")
         # shellcheck disable=SC2086 # a list of pids
         s0=$(cpu_ticks $pids)
         run_mode "$GW_URL" "$mode" "$tag" "$NATIVE_N"
         t1=$(cpu_ticks "$GW_PID")
+        c1=$(context_switches "$GW_PID")
+        SWITCHES[$store.$mode]=$(awk -v d=$((c1 - c0)) -v n="$NATIVE_N" 'BEGIN{printf "%.2f", d/n}')
         # shellcheck disable=SC2086
         s1=$(cpu_ticks $(server_pids "$store"))
         CPU_US[$store.$mode]=$(awk -v d=$((t1 - t0)) -v t="$TICK" -v n="$NATIVE_N" 'BEGIN{printf "%.0f", d*1e6/t/n}')
@@ -296,11 +307,41 @@ callgrind_pass() { # STORE
     stop_idem
 }
 
+# syscall_pass STORE: each mode's SYSCALL_N requests with strace -c attached to every thread
+# of the gateway; SYSCALL[store.mode] = calls per request, SYSCALL_TOP[store.mode] = the
+# calls made at least 0.05 times a request, most frequent first ("name n.nn, …").
+syscall_pass() {
+    local store=$1 mode tag=s-$RUN_ID-$1 out strace_pid
+    start_idem "syscalls-$store" "$(store_url "$store" syscalls)"
+    prime_replay "$GW_URL" "$tag"
+    prime_replay "$GW_URL" "$tag-warm"
+    warm_up "$GW_URL" "$tag"
+    for mode in $MODES; do
+        out=$TMP/strace.$store.$mode
+        strace -c -f -q -o "$out" -p "$GW_PID" 2>"$TMP/strace.$store.$mode.err" &
+        strace_pid=$!
+        sleep 1 # strace attaches to each thread
+        run_mode "$GW_URL" "$mode" "$tag" "$SYSCALL_N"
+        kill -INT "$strace_pid"
+        wait "$strace_pid" 2>/dev/null || true
+        [[ -s $out ]] || die "strace wrote nothing for $store $mode (see $TMP/strace.$store.$mode.err)"
+        # The summary's rows: % time, seconds, usecs/call, calls, [errors,] syscall; the
+        # calls are the fourth column either way.
+        SYSCALL[$store.$mode]=$(awk -v n="$SYSCALL_N" '$NF == "total" { printf "%.1f", $4 / n }' "$out")
+        SYSCALL_TOP[$store.$mode]=$(awk -v n="$SYSCALL_N" '
+            /^-/ || /^ *%/ || $NF == "total" || NF < 5 { next }
+            $4 / n >= 0.05 { printf "%s %.2f\n", $NF, $4 / n }' "$out" |
+            sort -k2,2 -rn | paste -sd, - | sed 's/,/, /g')
+    done
+    stop_idem
+}
+
 STARTED_AT=$(date -u +%FT%TZ)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for store in $STORES; do
     ((NATIVE)) && { log "native: $store"; native_pass "$store"; }
     ((CALLGRIND)) && { log "callgrind: $store"; callgrind_pass "$store"; }
+    ((SYSCALLS)) && { log "syscalls: $store"; syscall_pass "$store"; }
 done
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -310,10 +351,20 @@ echo "binary: $IDEM_BIN ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || 
 echo "started $STARTED_AT; load average $LOAD_START at the start, $LOAD_END at the end"
 echo
 if ((NATIVE)); then
-    printf '%-10s %-12s %16s %20s\n' store mode "CPU-µs/request" "store server µs/req"
+    printf '%-10s %-12s %16s %20s %22s\n' store mode "CPU-µs/request" "store server µs/req" "context switches/req"
     for store in $STORES; do
         for mode in $MODES; do
-            printf '%-10s %-12s %16s %20s\n' "$store" "$mode" "${CPU_US[$store.$mode]}" "${SERVER_US[$store.$mode]:--}"
+            printf '%-10s %-12s %16s %20s %22s\n' "$store" "$mode" "${CPU_US[$store.$mode]}" \
+                "${SERVER_US[$store.$mode]:--}" "${SWITCHES[$store.$mode]}"
+        done
+    done
+    echo
+fi
+if ((SYSCALLS)); then
+    echo "system calls per request (every thread of the gateway, strace -c over $SYSCALL_N requests):"
+    for store in $STORES; do
+        for mode in $MODES; do
+            printf '%-10s %-12s %8s  %s\n' "$store" "$mode" "${SYSCALL[$store.$mode]}" "${SYSCALL_TOP[$store.$mode]}"
         done
     done
     echo

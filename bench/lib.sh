@@ -133,6 +133,35 @@ start() {
     PID_NAMES+=("$name")
 }
 
+# cpu_ticks PID...: utime+stime of the processes (every thread), in clock ticks of TICK
+# per second (a process gone counts 0).
+cpu_ticks() {
+    local total=0 pid fields
+    for pid in "$@"; do
+        fields=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        fields=${fields##*) }
+        read -r -a f <<<"$fields"
+        total=$((total + f[11] + f[12]))
+    done
+    echo "$total"
+}
+TICK=$(getconf CLK_TCK)
+
+# tree_pids PID: PID and its children (an nginx master and its workers).
+tree_pids() {
+    echo "$1"
+    pgrep -P "$1" 2>/dev/null || true
+}
+
+# pid_of NAME: the pid of the process `start` named NAME ("" when none).
+pid_of() {
+    local i
+    for i in "${!PID_NAMES[@]}"; do
+        [[ ${PID_NAMES[i]} == "$1" ]] && { echo "${PIDS[i]}"; return 0; }
+    done
+    return 0
+}
+
 # forget_pid PID: a process the script stopped itself, no longer cleanup's to stop.
 forget_pid() {
     local i

@@ -147,6 +147,19 @@ cpu_ticks() {
 }
 TICK=$(getconf CLK_TCK)
 
+# children_cpu_us VAR: sets VAR to the CPU time (user + system) of every child this shell
+# has waited for, in microseconds, from the `times` builtin (run in this shell, not in a
+# subshell, which has children of its own): around a foreground command, its cost.
+children_cpu_us() {
+    local line
+    times >"$TMP/.times"
+    line=$(sed -n 2p "$TMP/.times")
+    printf -v "$1" '%s' "$(awk -v l="$line" 'BEGIN {
+        n = split(l, t, " "); total = 0
+        for (i = 1; i <= n; i++) { split(t[i], p, "m"); sub("s", "", p[2]); total += p[1] * 60 + p[2] }
+        printf "%.0f", total * 1e6 }')"
+}
+
 # tree_pids PID: PID and its children (an nginx master and its workers).
 tree_pids() {
     echo "$1"

@@ -168,13 +168,7 @@ context_switches() {
         awk '/^(non)?voluntary_ctxt_switches:/ { s += $2 } END { print s + 0 }'
 }
 
-# server_pids STORE: the store server's processes, whose CPU a request also costs.
-server_pids() {
-    case $1 in
-    redis) redis-cli -u "$REDIS_URL" info server 2>/dev/null | tr -d '\r' | sed -n 's/^process_id://p' ;;
-    postgres) pgrep -x postgres || true ;;
-    esac
-}
+server_pids() { store_server_pids "$1" "$REDIS_URL"; }
 
 # mix URL MODE TAG COUNT: COUNT requests of MODE; the replay key is TAG.
 mix() {
@@ -346,7 +340,11 @@ done
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 echo
-echo "idem gateway cost model — per mode $N requests under callgrind, $NATIVE_N natively, over $CONNECTIONS connections, after $WARM of each"
+measures=()
+((CALLGRIND)) && measures+=("$N requests under callgrind")
+((NATIVE)) && measures+=("$NATIVE_N natively")
+((SYSCALLS)) && measures+=("$SYSCALL_N under strace")
+echo "idem gateway cost model — per mode $(printf '%s, ' "${measures[@]}")over $CONNECTIONS connections, after $WARM of each"
 echo "binary: $IDEM_BIN ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$([[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml 2>/dev/null) ]] && echo ', dirty'))"
 echo "started $STARTED_AT; load average $LOAD_START at the start, $LOAD_END at the end"
 echo

@@ -68,7 +68,7 @@
 # reports the median req/s, the median p50 and the median p99 over its runs, the median
 # CPU time the server under test spent per answered request (user + system, every thread
 # or worker process, from /proc: what a request costs it under load) and the upstream
-# nginx's and wrk's, and its
+# nginx's, the Redis or PostgreSQL server's and wrk's, and its
 # req/s as a ratio to its baseline's: the *-tls rows to proxy-tls, every other row to
 # proxy (the table's "base" column says which; the JSON also has every row's ratio to
 # proxy, and the TLS rows' ratio to their plaintext twin: the cost of TLS). Design goals
@@ -460,7 +460,7 @@ delta() {
         print out }'
 }
 
-declare -A RPS=() P50=() P99=() ERRORS=() RUNLOG=() SERVER_US=() UPSTREAM_US=() WRK_US=()
+declare -A RPS=() P50=() P99=() ERRORS=() RUNLOG=() SERVER_US=() UPSTREAM_US=() WRK_US=() STORE_US=()
 ERRORS_TOTAL=0
 ANOMALIES=()
 
@@ -473,13 +473,18 @@ measure() {
     decision=$(decision_of "$s")
     if [[ $mode == fixed ]]; then tag=$(replay_key); else tag="bench-$NONCE-$s-$round"; fi
     [[ -n $decision ]] && before=$(decisions "${ADMIN[$server]}")
-    local load server_pids upstream_pids s0 s1 u0 u1 w0 w1
+    local load server_pids upstream_pids store_pids s0 s1 u0 u1 w0 w1 d0 d1 store_kind=""
     load=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0)
     server_pids=$(tree_pids "$(pid_of "$server")")
     upstream_pids=""
     [[ $server == upstream* ]] || upstream_pids=$(tree_pids "$(pid_of "$(upstream_of "$s")")")
+    case $s in
+    *-redis) store_kind=redis ;;
+    *-postgres) store_kind=postgres ;;
+    esac
+    store_pids=$(store_server_pids "$store_kind" "${REDIS_URL:-redis://127.0.0.1:6379}")
     # shellcheck disable=SC2086 # lists of pids
-    s0=$(cpu_ticks $server_pids) u0=$(cpu_ticks $upstream_pids)
+    s0=$(cpu_ticks $server_pids) u0=$(cpu_ticks $upstream_pids) d0=$(cpu_ticks $store_pids)
     children_cpu_us w0
     out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" --latency -s "$HERE/wrk/post.lua" "$url$REQ_PATH" \
         -- "$mode" "$tag" "$BODY" "$EXPECT_STATUS" 2>&1) || {
@@ -487,7 +492,7 @@ measure() {
         die "wrk failed on $s"
     }
     # shellcheck disable=SC2086
-    s1=$(cpu_ticks $server_pids) u1=$(cpu_ticks $upstream_pids)
+    s1=$(cpu_ticks $server_pids) u1=$(cpu_ticks $upstream_pids) d1=$(cpu_ticks $store_pids)
     children_cpu_us w1
     all_alive
     [[ -n $decision ]] && after=$(decisions "${ADMIN[$server]}")
@@ -521,17 +526,19 @@ measure() {
     fi
     ERRORS_TOTAL=$((ERRORS_TOTAL + errs))
     ERRORS[$s]=$((${ERRORS[$s]:-0} + errs))
-    local server_us upstream_us wrk_us
+    local server_us upstream_us wrk_us store_us
     server_us=$(awk -v d=$((s1 - s0)) -v t="$TICK" -v n="${r[requests]}" 'BEGIN { if (n > 0) printf "%.1f", d * 1e6 / t / n; else print 0 }')
     upstream_us=$(awk -v d=$((u1 - u0)) -v t="$TICK" -v n="${r[requests]}" 'BEGIN { if (n > 0) printf "%.1f", d * 1e6 / t / n; else print 0 }')
     wrk_us=$(awk -v d=$((w1 - w0)) -v n="${r[requests]}" 'BEGIN { if (n > 0) printf "%.1f", d / n; else print 0 }')
+    store_us=$(awk -v d=$((d1 - d0)) -v t="$TICK" -v n="${r[requests]}" 'BEGIN { if (n > 0) printf "%.1f", d * 1e6 / t / n; else print 0 }')
+    STORE_US[$s]+="$store_us "
     SERVER_US[$s]+="$server_us "
     WRK_US[$s]+="$wrk_us "
     UPSTREAM_US[$s]+="$upstream_us "
     RPS[$s]+="${r[rps]} "
     P50[$s]+="${r[p50_us]} "
     P99[$s]+="${r[p99_us]} "
-    RUNLOG[$s]+="{\"round\":$round,\"requests\":${r[requests]},\"duration_us\":${r[duration_us]},\"rps\":${r[rps]},\"mean_us\":${r[mean_us]},\"p50_us\":${r[p50_us]},\"p90_us\":${r[p90_us]},\"p99_us\":${r[p99_us]},\"max_us\":${r[max_us]},\"errors\":{\"connect\":${r[connect_err]},\"read\":${r[read_err]},\"write\":${r[write_err]},\"timeout\":${r[timeout_err]},\"status_ge_400\":${r[status_err]},\"not_$EXPECT_STATUS\":${r[unexpected_status]}},\"gateway_decisions\":\"$moved\",\"server_cpu_us_per_request\":$server_us,\"upstream_cpu_us_per_request\":$upstream_us,\"wrk_cpu_us_per_request\":$wrk_us,\"loadavg_1m_before\":$load},"
+    RUNLOG[$s]+="{\"round\":$round,\"requests\":${r[requests]},\"duration_us\":${r[duration_us]},\"rps\":${r[rps]},\"mean_us\":${r[mean_us]},\"p50_us\":${r[p50_us]},\"p90_us\":${r[p90_us]},\"p99_us\":${r[p99_us]},\"max_us\":${r[max_us]},\"errors\":{\"connect\":${r[connect_err]},\"read\":${r[read_err]},\"write\":${r[write_err]},\"timeout\":${r[timeout_err]},\"status_ge_400\":${r[status_err]},\"not_$EXPECT_STATUS\":${r[unexpected_status]}},\"gateway_decisions\":\"$moved\",\"server_cpu_us_per_request\":$server_us,\"upstream_cpu_us_per_request\":$upstream_us,\"wrk_cpu_us_per_request\":$wrk_us,\"store_server_cpu_us_per_request\":$store_us,\"loadavg_1m_before\":$load},"
     printf '  round %d  %-36s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms  load %s%s\n' "$round" "${LABEL[$s]}" \
         "${r[rps]}" "$(awk -v u="${r[p50_us]}" 'BEGIN{print u/1000}')" "$(awk -v u="${r[p99_us]}" 'BEGIN{print u/1000}')" \
         "$load" "${moved:+  [$moved]}" >&2
@@ -560,7 +567,7 @@ median() { # numbers... → their median
         if (NR % 2) printf "%.6g\n", a[(NR + 1) / 2]; else printf "%.6g\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
 
-declare -A MED_RPS=() MED_P50=() MED_P99=() MED_SERVER_US=() MED_UPSTREAM_US=() MED_WRK_US=() RATIO=() GOAL=()
+declare -A MED_RPS=() MED_P50=() MED_P99=() MED_SERVER_US=() MED_UPSTREAM_US=() MED_WRK_US=() MED_STORE_US=() RATIO=() GOAL=()
 for s in "${SCENARIO_LIST[@]}"; do
     # shellcheck disable=SC2086
     MED_SERVER_US[$s]=$(median ${SERVER_US[$s]})
@@ -568,6 +575,8 @@ for s in "${SCENARIO_LIST[@]}"; do
     MED_UPSTREAM_US[$s]=$(median ${UPSTREAM_US[$s]})
     # shellcheck disable=SC2086
     MED_WRK_US[$s]=$(median ${WRK_US[$s]})
+    # shellcheck disable=SC2086
+    MED_STORE_US[$s]=$(median ${STORE_US[$s]})
     # shellcheck disable=SC2086 # word splitting intended
     MED_RPS[$s]=$(median ${RPS[$s]})
     # shellcheck disable=SC2086
@@ -612,21 +621,22 @@ echo "idem gateway benchmark — $STARTED_AT, commit $(git -C "$ROOT" rev-parse 
 echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION, POST $REQ_PATH ($((${#BODY})) B JSON), median of $RUNS run(s);" \
     "$NPROC cores shared by load generator and servers; load average $LOAD_START at start, $LOAD_END at end"
 echo
-printf '%-36s %10s %9s %9s %9s %-10s %9s %9s %9s %s\n' "scenario" "req/s" "p50 ms" "p99 ms" "x base" "base" "CPU-µs" "upstr µs" "wrk µs" ""
-printf '%-36s %10s %9s %9s %9s %-10s %9s %9s %9s %s\n' "------------------------------------" "----------" "---------" "---------" "---------" "----------" "---------" "---------" "---------" ""
+printf '%-36s %10s %9s %9s %9s %-10s %9s %9s %9s %9s %s\n' "scenario" "req/s" "p50 ms" "p99 ms" "x base" "base" "CPU-µs" "upstr µs" "store µs" "wrk µs" ""
+printf '%-36s %10s %9s %9s %9s %-10s %9s %9s %9s %9s %s\n' "------------------------------------" "----------" "---------" "---------" "---------" "----------" "---------" "---------" "---------" "---------" ""
 for s in "${SCENARIO_LIST[@]}"; do
     ratio=${RATIO[$s]:+${RATIO[$s]}x}
     note=$(goal_text "$s")
     if ((${ERRORS[$s]:-0} > 0)); then note="${note:+$note; }${ERRORS[$s]} ERRORS"; fi
-    printf '%-36s %10.0f %9.2f %9.2f %9s %-10s %9s %9s %9s %s\n' "${LABEL[$s]}" "${MED_RPS[$s]}" \
+    printf '%-36s %10.0f %9.2f %9.2f %9s %-10s %9s %9s %9s %9s %s\n' "${LABEL[$s]}" "${MED_RPS[$s]}" \
         "$(awk -v u="${MED_P50[$s]}" 'BEGIN{print u/1000}')" "$(awk -v u="${MED_P99[$s]}" 'BEGIN{print u/1000}')" \
-        "${ratio:-n/a}" "$(baseline_of "$s")" "${MED_SERVER_US[$s]}" "${MED_UPSTREAM_US[$s]}" "${MED_WRK_US[$s]}" "$note"
+        "${ratio:-n/a}" "$(baseline_of "$s")" "${MED_SERVER_US[$s]}" "${MED_UPSTREAM_US[$s]}" "${MED_STORE_US[$s]}" "${MED_WRK_US[$s]}" "$note"
 done
 echo "x base: req/s over the base row's in this run (proxy: wrk → nginx → upstream; proxy-tls: the same with"
 echo "        an HTTPS upstream); n/a when the base row did not run"
 echo "CPU-µs: the server under test's CPU time (user + system, every thread or worker) per answered request;"
-echo "        upstr µs: the upstream nginx's (0 when the server answered alone); wrk µs: the load generator's."
-echo "        When the cores are busy, req/s ≈ cores × 1e6 / (CPU-µs + upstr µs + wrk µs)"
+echo "        upstr µs: the upstream nginx's (0 when the server answered alone); store µs: the Redis or"
+echo "        PostgreSQL server's (0 for the embedded stores); wrk µs: the load generator's. When the cores"
+echo "        are busy, req/s ≈ cores × 1e6 / (CPU-µs + upstr µs + store µs + wrk µs)"
 tls_cost=""
 for s in "${SCENARIO_LIST[@]}"; do
     [[ -n ${RATIO_PLAIN[$s]} ]] && tls_cost+="  $s ${RATIO_PLAIN[$s]}x of $(plaintext_of "$s")"

@@ -160,6 +160,15 @@ children_cpu_us() {
         printf "%.0f", total * 1e6 }')"
 }
 
+# store_server_pids STORE REDIS_URL: the store server's processes (redis-server, every
+# postgres process), whose CPU a request also costs; none for the embedded stores.
+store_server_pids() {
+    case $1 in
+    redis) redis-cli -u "$2" info server 2>/dev/null | tr -d '\r' | sed -n 's/^process_id://p' ;;
+    postgres) pgrep -x postgres || true ;;
+    esac
+}
+
 # tree_pids PID: PID and its children (an nginx master and its workers).
 tree_pids() {
     echo "$1"

@@ -103,7 +103,7 @@
 #                           in (and under) selected frames, are printed; the perf.data files
 #                           (~10 MB/s) are kept in OUT_DIR
 #   IDEM_BIN=path BARE_BIN=path   use these binaries and skip the build; SKIP_BUILD=1 uses
-#                           target/release/{idem,examples/bare_consumer} as they are
+#                           $CARGO_TARGET_DIR (or target)/release/{idem,examples/bare_consumer} as they are
 #   BENCH_TMPDIR=dir        where the temporary directory goes (default $TMPDIR or /tmp)
 #   KEEP_TMP=1              keep the temporary directory after the run
 #   OUT_DIR=dir             where the JSON goes (default bench/out, git-ignored)

@@ -57,8 +57,8 @@ idem_and_example_bins() {
         return 0
     fi
     [[ ${SKIP_BUILD:-0} == 1 ]] || release_build --bin idem --example "$1"
-    IDEM_BIN=$ROOT/target/release/idem
-    BARE_BIN=$ROOT/target/release/examples/$1
+    IDEM_BIN=$(cargo_target_dir)/release/idem
+    BARE_BIN=$(cargo_target_dir)/release/examples/$1
     [[ -x $IDEM_BIN ]] || die "$IDEM_BIN does not exist"
     [[ -x $BARE_BIN ]] || die "$BARE_BIN does not exist"
 }

@@ -67,7 +67,7 @@
 #                         `perf report` (by thread, by symbol) is printed and the
 #                         perf.data files are kept in OUT_DIR
 #   IDEM_BIN=path BARE_BIN=path   use these binaries and skip the build; SKIP_BUILD=1
-#                         uses target/release/{idem,examples/bare_client} as they are
+#                         uses $CARGO_TARGET_DIR (or target)/release/{idem,examples/bare_client} as they are
 #   BENCH_TMPDIR=dir      where the temporary directory goes (default $TMPDIR or /tmp)
 #   KEEP_TMP=1            keep the temporary directory after the run
 #   OUT_DIR=dir           where the JSON goes (default bench/out, git-ignored)

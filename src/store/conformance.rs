@@ -689,8 +689,16 @@ pub async fn finish_is_fenced_as_the_core_says(store: Arc<dyn Seed>) {
 }
 
 /// A claim on every shape, with the same payload and another, under three policies,
-/// decides, hands out a token and persists exactly what `plan_claim` plans.
+/// decides, hands out a token and persists exactly what `plan_claim` plans; so does
+/// `claim_new` (the claim of an intent most likely new), on the same shapes and on a key
+/// nobody used.
 pub async fn claim_decides_as_the_core_plans(store: Arc<dyn Seed>) {
+    let fresh = intent_for(RecordId::new("claim-new", "", "nobody-used-it"), 1, NOW);
+    let claim = store.claim_new(&fresh, REVIEW).await.unwrap();
+    assert_eq!(claim.decision, Decision::Execute(ExecuteReason::New));
+    let token = claim.token.expect("a new key's claim holds the lease");
+    let stored = store.get(&fresh.id).await.unwrap().expect("the claim is stored");
+    assert!(stored.status == Status::InProgress && stored.is_owned_by(token), "{stored:?}");
     let policies = [
         ("review", REVIEW),
         (
@@ -706,11 +714,14 @@ pub async fn claim_decides_as_the_core_plans(store: Arc<dyn Seed>) {
         ("lookup", LOOKUP),
     ];
     for (name, policy) in policies {
-        for fp in [1, 2] {
-            for record in shapes(&format!("claim-{name}-{fp}")) {
+        for (fp, new) in [(1, false), (2, false), (1, true), (2, true)] {
+            for record in shapes(&format!("claim-{name}-{fp}-{new}")) {
                 store.seed(&record).await;
                 let intent = intent_for(record.id.clone(), fp, NOW);
-                let claim = store.claim(&intent, policy).await.unwrap();
+                let claim = match new {
+                    false => store.claim(&intent, policy).await.unwrap(),
+                    true => store.claim_new(&intent, policy).await.unwrap(),
+                };
                 let key = &record.id.key;
                 // The backend's token (if any) goes into the core's plan, so the records compare whole.
                 let plan = plan_claim(Some(&record), &intent, policy, || claim.token.unwrap_or(0));

@@ -185,6 +185,14 @@ impl Store for EncryptedStore {
         Ok(claim)
     }
 
+    async fn claim_new(&self, intent: &Intent, policy: ClaimPolicy) -> Result<Claim, Error> {
+        let mut claim = self.inner.claim_new(intent, policy).await?;
+        if let Some(record) = claim.record.as_mut() {
+            self.open_record(record)?;
+        }
+        Ok(claim)
+    }
+
     async fn renew(&self, id: &RecordId, token: LeaseToken, locked_until: Millis) -> Result<bool, Error> {
         self.inner.renew(id, token, locked_until).await
     }

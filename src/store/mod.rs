@@ -186,6 +186,14 @@ pub trait Store: Send + Sync + 'static {
     /// atomic section. A claim is durable before this returns `Execute`.
     async fn claim(&self, intent: &Intent, policy: ClaimPolicy) -> Result<Claim, Error>;
 
+    /// [`Store::claim`] for an intent that is most likely new — a runner's record its
+    /// triage found unsent, a consumer's next message: the same decision and durability,
+    /// but a store may go straight to its write path instead of reading first (the read
+    /// that answers a replay without a write). The default is `claim`.
+    async fn claim_new(&self, intent: &Intent, policy: ClaimPolicy) -> Result<Claim, Error> {
+        self.claim(intent, policy).await
+    }
+
     /// Extends a lease, as [`Record::renew`] does. `false` when `token` no longer owns the
     /// record ([`Record::is_owned_by`]: fencing).
     async fn renew(&self, id: &RecordId, token: LeaseToken, locked_until: Millis) -> Result<bool, Error>;

@@ -21,7 +21,7 @@ use super::memory::page;
 use super::touch::{Touch, TouchBuffer, spawn_flusher};
 use super::{Claim, Error, ListQuery, MAX_PAGE, Page, StatRow, Store, new_token};
 use crate::core::{
-    ClaimPolicy, Fingerprint, Intent, Lease, LeaseToken, Millis, Outcome, Record, RecordId, Resolution, Status,
+    ClaimPolicy, Fingerprint, Intent, Lease, LeaseToken, Millis, Outcome, Plan, Record, RecordId, Resolution, Status,
     StoredResponse, Transition, plan_claim, resolve,
 };
 
@@ -291,6 +291,30 @@ static SAVE: LazyLock<String> = LazyLock::new(|| format!("INSERT OR REPLACE INTO
 static INSERT_NEW: LazyLock<String> =
     LazyLock::new(|| format!("INSERT INTO records ({COLUMNS}) {VALUES} ON CONFLICT DO NOTHING"));
 
+/// A claim's write, in the writer, where nothing else can change the record: `plan` was
+/// made on `existing` as read before (`None`: no record then). A new key when read is
+/// stored with one statement unless a record has appeared since, and then the plan stands
+/// without reading again; otherwise the record is read and planned again here.
+fn claim_in_writer(
+    conn: &Connection,
+    existing: Option<Record>,
+    plan: Plan,
+    intent: &Intent,
+    policy: ClaimPolicy,
+) -> Result<Claim, Error> {
+    if let (None, Transition::Write(record)) = (&existing, &plan.transition) {
+        if insert_new(conn, record)? {
+            return Ok(Claim::planned(plan, None));
+        }
+    }
+    let existing = load(conn, &intent.id)?;
+    let plan = plan_claim(existing.as_ref(), intent, policy, new_token);
+    if let Transition::Touch(record) | Transition::Write(record) = &plan.transition {
+        save(conn, record)?;
+    }
+    Ok(Claim::planned(plan, existing))
+}
+
 fn load(conn: &Connection, id: &RecordId) -> Result<Option<Record>, Error> {
     let mut stmt = conn.prepare_cached(&LOAD).map_err(unavailable)?;
     let row = stmt.query_row(params![id.scope, id.tenant, id.key], read_row).optional().map_err(unavailable)?;
@@ -465,24 +489,16 @@ impl Store for SqliteStore {
             }
             Transition::Write(_) => {}
         }
-        // Plan again inside the writer, where nothing else can change the record.
         let intent = intent.clone();
-        self.write(move |conn| {
-            if let (None, Transition::Write(record)) = (&existing, &plan.transition) {
-                // A new key when read: one statement stores the claim unless a record has
-                // appeared since, and then the plan stands without reading again.
-                if insert_new(conn, record)? {
-                    return Ok(Claim::planned(plan, None));
-                }
-            }
-            let existing = load(conn, &intent.id)?;
-            let plan = plan_claim(existing.as_ref(), &intent, policy, new_token);
-            if let Transition::Touch(record) | Transition::Write(record) = &plan.transition {
-                save(conn, record)?;
-            }
-            Ok(Claim::planned(plan, existing))
-        })
-        .await
+        self.write(move |conn| claim_in_writer(conn, existing, plan, &intent, policy)).await
+    }
+
+    /// No read first: the writer stores a new key's claim with one statement, and only
+    /// when a record is there already reads it and plans again.
+    async fn claim_new(&self, intent: &Intent, policy: ClaimPolicy) -> Result<Claim, Error> {
+        let plan = plan_claim(None, intent, policy, new_token);
+        let intent = intent.clone();
+        self.write(move |conn| claim_in_writer(conn, None, plan, &intent, policy)).await
     }
 
     async fn renew(&self, id: &RecordId, token: LeaseToken, locked_until: Millis) -> Result<bool, Error> {

@@ -301,11 +301,12 @@ impl Engine {
         }
     }
 
-    /// Claims a step, retrying a store outage for a few seconds (five pauses, 50 ms doubling).
+    /// Claims a step, retrying a store outage for a few seconds (five pauses, 50 ms doubling);
+    /// as one most likely new (`claim_new`): the triage or the broker sent it here to be done.
     async fn claim(&self, unit: &Unit<'_>) -> Result<Claim, store::Error> {
         let mut pause = Backoff::doubling(Duration::from_millis(50), Duration::from_secs(1));
         for _ in 0..5 {
-            match self.store.claim(&self.intent(unit), policy(unit.step)).await {
+            match self.store.claim_new(&self.intent(unit), policy(unit.step)).await {
                 Err(error) if error.is_retryable() => {
                     tracing::warn!(%error, "store unavailable; will try again");
                     tokio::time::sleep(pause.next_pause()).await;
@@ -313,7 +314,7 @@ impl Engine {
                 other => return other,
             }
         }
-        self.store.claim(&self.intent(unit), policy(unit.step)).await
+        self.store.claim_new(&self.intent(unit), policy(unit.step)).await
     }
 }
 

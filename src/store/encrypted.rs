@@ -167,6 +167,14 @@ impl EncryptedStore {
         Self { inner, keys }
     }
 
+    /// Opens the response of the record a claim carries.
+    fn open_claim(&self, mut claim: Claim) -> Result<Claim, Error> {
+        if let Some(record) = claim.record.as_mut() {
+            self.open_record(record)?;
+        }
+        Ok(claim)
+    }
+
     fn open_record(&self, record: &mut Record) -> Result<(), Error> {
         if let Some(response) = record.response.take() {
             record.response = Some(self.keys.open(&record.id, response)?);
@@ -178,19 +186,11 @@ impl EncryptedStore {
 #[async_trait]
 impl Store for EncryptedStore {
     async fn claim(&self, intent: &Intent, policy: ClaimPolicy) -> Result<Claim, Error> {
-        let mut claim = self.inner.claim(intent, policy).await?;
-        if let Some(record) = claim.record.as_mut() {
-            self.open_record(record)?;
-        }
-        Ok(claim)
+        self.open_claim(self.inner.claim(intent, policy).await?)
     }
 
     async fn claim_new(&self, intent: &Intent, policy: ClaimPolicy) -> Result<Claim, Error> {
-        let mut claim = self.inner.claim_new(intent, policy).await?;
-        if let Some(record) = claim.record.as_mut() {
-            self.open_record(record)?;
-        }
-        Ok(claim)
+        self.open_claim(self.inner.claim_new(intent, policy).await?)
     }
 
     async fn renew(&self, id: &RecordId, token: LeaseToken, locked_until: Millis) -> Result<bool, Error> {

@@ -335,26 +335,31 @@ pub const ON_DEMAND: ClaimPolicy = ClaimPolicy {
     lookup: LookupPolicy::Configured,
 };
 
-/// Runs the lookup under a `Verify` lease the caller holds, records its finding (fenced by
-/// `token`) and counts it. A lost lease (the record was taken over) records nothing.
+/// Runs the lookup under the `Verify` lease `token` the caller holds, renewing it (`lease`
+/// long) while the lookup runs, so a verifier that dies holds the record no longer than
+/// an owner would; then records its finding (fenced by `token`) and counts it. A lost
+/// lease (the record was taken over) records nothing.
 pub async fn conclude(
-    store: &dyn Store,
+    store: &Arc<dyn Store>,
     record: &Record,
     token: LeaseToken,
+    lease: Duration,
+    clock: Clock,
     ask: impl Future<Output = Finding>,
-    now: impl Fn() -> Millis,
 ) -> Result<Finding, store::Error> {
+    let renewal = owner::keep_alive(store.clone(), record.id.clone(), token, lease, clock);
     let finding = ask.await;
+    drop(renewal);
     crate::metrics::verification(&record.id.scope, finding.label());
     tracing::info!(scope = %record.id.scope, key_hash = %crate::core::key::hash_for_logs(&record.id.key), result = finding.label(), "verified an unknown outcome");
-    store.finish(&record.id, token, finding.outcome(now()), now()).await?;
+    let now = clock.now();
+    store.finish(&record.id, token, finding.outcome(now), now).await?;
     Ok(finding)
 }
 
 /// Settles `record` on demand (the reconciler, the admin API, `idem log verify`): claims it
-/// for verification with its own fingerprint under the scope's lease, renewed while the
-/// lookup runs, then [`conclude`]s. Nothing is asked unless the record is unknown and no
-/// other verifier holds it.
+/// for verification with its own fingerprint under the scope's lease, then [`conclude`]s.
+/// Nothing is asked unless the record is unknown and no other verifier holds it.
 pub async fn settle(
     store: &Arc<dyn Store>,
     record: &Record,
@@ -377,11 +382,9 @@ pub async fn settle(
     };
     let (fields, steps) = (Map::new(), HashMap::new());
     let ctx = Context { record: &fields, steps: &steps, key: &record.id.key };
-    let renewal = owner::keep_alive(store.clone(), record.id.clone(), token, scoped.lease, clock);
     let ask = scoped.lookup.ask(client, &ctx, scoped.timeout);
-    let finding = conclude(store.as_ref(), record, token, ask, || clock.now()).await;
-    drop(renewal);
-    Ok(Settled::Looked(finding?))
+    let finding = conclude(store, record, token, scoped.lease, clock, ask).await?;
+    Ok(Settled::Looked(finding))
 }
 
 /// The lease of a runner's steps and a consumer's deliveries: the whole budget and a

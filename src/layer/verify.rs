@@ -42,15 +42,13 @@ impl Shared {
             };
             let steps = HashMap::new();
             let ctx = Context { record: &fields, steps: &steps, key: &record.id.key };
-            let renewal = owner::keep_alive(self.store.clone(), record.id.clone(), token, route.lease, self.clock);
             let ask = async {
                 match client() {
                     Ok(client) => lookup.ask(client, &ctx, route.upstream_timeout).await,
                     Err(why) => Finding::Failed(why),
                 }
             };
-            let concluded = verify::conclude(self.store.as_ref(), record, token, ask, || self.clock.now()).await;
-            drop(renewal);
+            let concluded = verify::conclude(&self.store, record, token, route.lease, self.clock, ask).await;
             match concluded {
                 Ok(Finding::Failed(_)) => return Ok(unknown(claim)),
                 Ok(_) => {}

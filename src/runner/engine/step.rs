@@ -245,7 +245,6 @@ impl Engine {
     ) -> Result<Option<StepReport>, store::Error> {
         let Some(lookup) = &unit.step.verify else { return Ok(None) };
         let ctx = Context { record: unit.fields, steps: unit.captures, key: &unit.stem };
-        let renewal = owner::keep_alive(self.store.clone(), unit.id.clone(), token, self.lease, Clock::System);
         let mut captures = Map::new();
         let ask = async {
             match lookup.ask(&self.http, &ctx, self.flow.timeout).await {
@@ -257,8 +256,7 @@ impl Engine {
                 other => other,
             }
         };
-        let finding = verify::conclude(self.store.as_ref(), record, token, ask, now_millis).await;
-        drop(renewal);
+        let finding = verify::conclude(&self.store, record, token, self.lease, Clock::System, ask).await;
         let mut report = StepReport::new(&unit.step.name, StepResult::Verified);
         match finding? {
             Finding::Found(_) => {

@@ -21,6 +21,8 @@ use crate::core::{
     ClaimPolicy, Decision, Intent, LeaseToken, Lookup as LookupPolicy, Millis, OnChange, OnUnknown, Outcome, Record,
     Replays, StoredResponse, settled_by_lookup,
 };
+use crate::layer::config::{DEFAULT_LEASE, DEFAULT_UPSTREAM_TIMEOUT};
+use crate::runner::flow::DEFAULT_TIMEOUT;
 use crate::store::clock::Clock;
 use crate::store::{self, Store, owner};
 use crate::template::{Context, Escape, JsonTemplate, Placeholder, Template, url_template};
@@ -277,7 +279,12 @@ impl Lookups {
             }
         };
         let text_of = |t: &toml::Table, k: &str| t.get(k).and_then(toml::Value::as_str).map(str::to_owned);
-        let budget = |t: &toml::Table, k: &str| text_of(t, k).and_then(|d| check::duration(&d).ok());
+        // A time the file gives, or the default its own file's validation applies.
+        let budget = |t: &toml::Table, k: &str, default: &str| {
+            text_of(t, k)
+                .and_then(|d| check::duration(&d).ok())
+                .unwrap_or_else(|| check::duration(default).expect("the defaults are valid durations"))
+        };
         let mut add = |scope: String, table: &toml::Table, at: String, timeout: Duration, lease, p: &mut Problems| {
             let Some(raw) = table.get("verify") else { return };
             match RawVerify::deserialize(raw.clone()) {
@@ -292,11 +299,11 @@ impl Lookups {
         let tables = |k: &str| doc.get(k).and_then(toml::Value::as_array).cloned().unwrap_or_default();
         for (i, route) in tables("routes").iter().filter_map(toml::Value::as_table).enumerate() {
             let name = text_of(route, "name").unwrap_or_else(|| "default".into());
-            let timeout = budget(route, "upstream_timeout").unwrap_or(Duration::from_secs(30));
-            let lease = budget(route, "lease").unwrap_or(Duration::from_secs(30));
+            let timeout = budget(route, "upstream_timeout", DEFAULT_UPSTREAM_TIMEOUT);
+            let lease = budget(route, "lease", DEFAULT_LEASE);
             add(name, route, format!("routes[{i}].verify"), timeout, lease, &mut p);
         }
-        let flow_timeout = budget(&doc, "timeout").unwrap_or(Duration::from_secs(30));
+        let flow_timeout = budget(&doc, "timeout", DEFAULT_TIMEOUT);
         let flow_lease = lease_for(flow_timeout);
         if let Some(flow) = text_of(&doc, "flow") {
             for (i, step) in tables("steps").iter().filter_map(toml::Value::as_table).enumerate() {

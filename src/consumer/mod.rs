@@ -40,6 +40,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use self::config::{Broker, Consumer, MessageId};
 use self::guard::{Check, VersionGuard};
@@ -57,6 +58,21 @@ use crate::store::{self, Store, now_millis, owner};
 
 /// The pauses between a broker's reconnection attempts.
 const RECONNECT: Backoff = Backoff::doubling(Duration::from_millis(200), Duration::from_secs(30));
+
+/// Runs `beat` every third of `period` until the returned handle is dropped: how a
+/// delivery keeps the broker from handing its message to another consumer while it runs
+/// (NATS in-progress acknowledgements, SQS visibility).
+fn heartbeat<F>(period: Duration, mut beat: impl FnMut() -> F + Send + 'static) -> AbortOnDropHandle<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(period / 3).await;
+            beat().await;
+        }
+    }))
+}
 
 /// `idem consume` arguments.
 #[derive(Debug, clap::Args)]

@@ -15,9 +15,10 @@ use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::RECONNECT;
-use super::{Inbound, Settle};
+use super::{Inbound, Settle, heartbeat};
 use crate::backoff::Backoff;
 
 /// Where to consume from.
@@ -106,7 +107,7 @@ async fn consume(
     tracing::info!(stream = %source.stream, durable = %source.durable, "consuming from NATS JetStream");
     pause.reset();
     let lag = report_lag(consumer.clone(), subscriber.to_owned());
-    let _lag = scopeguard(lag);
+    let _lag = AbortOnDropHandle::new(lag);
     loop {
         let message = tokio::select! {
             message = pulled.next() => message,
@@ -134,7 +135,7 @@ async fn consume(
             .as_ref()
             .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
             .map(|value| value.as_str().to_owned());
-        let progress = Progress::start(message.clone(), source.ack_wait);
+        let progress = in_progress(&message, source.ack_wait);
         let settle = Box::new(Settled(message, progress));
         let inbound = Inbound { header_id, payload: settle.0.payload.clone(), deliveries, settle };
         if messages.send(inbound).await.is_err() {
@@ -159,40 +160,20 @@ fn report_lag(consumer: consumer::PullConsumer, subscriber: String) -> tokio::ta
     })
 }
 
-/// Aborts a background task when dropped.
-fn scopeguard(task: tokio::task::JoinHandle<()>) -> impl Drop {
-    struct Abort(tokio::task::JoinHandle<()>);
-    impl Drop for Abort {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    Abort(task)
-}
-
 /// The in-progress acknowledgements of one message until it is settled (dropped).
-struct Progress(tokio::task::JoinHandle<()>);
-
-impl Progress {
-    fn start(message: jetstream::Message, ack_wait: Duration) -> Progress {
-        Progress(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(ack_wait / 3).await;
-                if let Err(error) = message.ack_with(AckKind::Progress).await {
-                    tracing::debug!(%error, "NATS: an in-progress acknowledgement failed");
-                }
+fn in_progress(message: &jetstream::Message, ack_wait: Duration) -> AbortOnDropHandle<()> {
+    let message = message.clone();
+    heartbeat(ack_wait, move || {
+        let message = message.clone();
+        async move {
+            if let Err(error) = message.ack_with(AckKind::Progress).await {
+                tracing::debug!(%error, "NATS: an in-progress acknowledgement failed");
             }
-        }))
-    }
+        }
+    })
 }
 
-impl Drop for Progress {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-struct Settled(jetstream::Message, Progress);
+struct Settled(jetstream::Message, AbortOnDropHandle<()>);
 
 impl Settled {
     /// The message, its in-progress acknowledgements stopped.

@@ -20,9 +20,10 @@ use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::config::Sqs;
-use super::{Inbound, RECONNECT, Settle};
+use super::{Inbound, RECONNECT, Settle, heartbeat};
 
 /// Feeds `messages` until `closing`, retrying with backoff while SQS cannot be reached.
 /// Messages received and not deleted when the source closes come back after their
@@ -78,7 +79,7 @@ pub async fn feed(source: Sqs, subscriber: String, messages: mpsc::Sender<Inboun
                 .get(&MessageSystemAttributeName::ApproximateReceiveCount)
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(1);
-            let lease = Lease::new(&client, &source.queue_url, &receipt, source.visibility_timeout);
+            let lease = lease(&client, &source.queue_url, &receipt, source.visibility_timeout);
             let settle =
                 Box::new(Settled { client: client.clone(), queue_url: source.queue_url.clone(), receipt, lease });
             let inbound = Inbound { header_id, payload: body.into(), deliveries, settle };
@@ -151,42 +152,25 @@ async fn report_lag(client: Client, queue_url: String, subscriber: String) {
 
 /// The lease heartbeat of one received message: every third of the visibility timeout, the
 /// timeout is set again from now. Stops when dropped.
-struct Lease(tokio::task::JoinHandle<()>);
-
-impl Lease {
-    fn new(client: &Client, queue_url: &str, receipt: &str, visibility: Duration) -> Lease {
-        let (client, queue_url, receipt) = (client.clone(), queue_url.to_owned(), receipt.to_owned());
-        let seconds = i32::try_from(visibility.as_secs()).unwrap_or(i32::MAX);
-        Lease(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(visibility / 3).await;
-                let extend = client
-                    .change_message_visibility()
-                    .queue_url(&queue_url)
-                    .receipt_handle(&receipt)
-                    .visibility_timeout(seconds)
-                    .send()
-                    .await;
-                if let Err(error) = extend {
-                    let error = aws_sdk_sqs::error::DisplayErrorContext(error);
-                    tracing::warn!(%error, "SQS: could not extend a message's visibility; it may be delivered twice (its record keeps the effect single)");
-                }
+fn lease(client: &Client, queue_url: &str, receipt: &str, visibility: Duration) -> AbortOnDropHandle<()> {
+    let (client, queue_url, receipt) = (client.clone(), queue_url.to_owned(), receipt.to_owned());
+    let seconds = i32::try_from(visibility.as_secs()).unwrap_or(i32::MAX);
+    heartbeat(visibility, move || {
+        let extend = client.change_message_visibility().queue_url(&queue_url).receipt_handle(&receipt);
+        async move {
+            if let Err(error) = extend.visibility_timeout(seconds).send().await {
+                let error = aws_sdk_sqs::error::DisplayErrorContext(error);
+                tracing::warn!(%error, "SQS: could not extend a message's visibility; it may be delivered twice (its record keeps the effect single)");
             }
-        }))
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+        }
+    })
 }
 
 struct Settled {
     client: Client,
     queue_url: String,
     receipt: String,
-    lease: Lease,
+    lease: AbortOnDropHandle<()>,
 }
 
 #[async_trait::async_trait]

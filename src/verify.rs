@@ -16,13 +16,11 @@ use http::{HeaderName, HeaderValue, Method};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::{Problems, check, field};
+use crate::config::{DEFAULT_LEASE, DEFAULT_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT, Problems, check, field};
 use crate::core::{
     ClaimPolicy, Decision, Intent, LeaseToken, Lookup as LookupPolicy, Millis, OnChange, OnUnknown, Outcome, Record,
     Replays, StoredResponse, settled_by_lookup,
 };
-use crate::layer::config::{DEFAULT_LEASE, DEFAULT_UPSTREAM_TIMEOUT};
-use crate::runner::flow::DEFAULT_TIMEOUT;
 use crate::store::clock::Clock;
 use crate::store::{self, Store, owner};
 use crate::template::{Context, Escape, JsonTemplate, Placeholder, Template, url_template};

@@ -21,6 +21,13 @@ pub use file::{parse_toml, read_toml};
 pub use problems::{Problems, field};
 pub use shape::{Alternative, OneOrMany, WordOr};
 
+/// A route's `upstream_timeout` when it gives none.
+pub const DEFAULT_UPSTREAM_TIMEOUT: &str = "30s";
+/// A route's `lease` when it gives none.
+pub const DEFAULT_LEASE: &str = "30s";
+/// A call's budget when a flow or a consumer gives no `timeout`.
+pub const DEFAULT_TIMEOUT: &str = "30s";
+
 /// A file that cannot be used: every problem (`path: message`), and which file it was.
 ///
 /// It is always bad input — something the user wrote, never a runtime failure — so callers

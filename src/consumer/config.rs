@@ -302,7 +302,7 @@ impl RawConsumer {
         let max_attempts = p.check("max_attempts", check::bounded(self.max_attempts.unwrap_or(5), 1, 1000));
         let retention = p.check("retention", check::duration(self.retention.as_deref().unwrap_or("7d")));
         let concurrency = p.check("concurrency", check::bounded(self.concurrency.unwrap_or(16), 1, 4096));
-        let timeout = p.check("timeout", check::duration(self.timeout.as_deref().unwrap_or(flow::DEFAULT_TIMEOUT)));
+        let timeout = p.check("timeout", check::duration(self.timeout.as_deref().unwrap_or(config::DEFAULT_TIMEOUT)));
         let source = p.required("source", self.source, "[source] with nats = { url, stream, subject, durable }");
         let (broker, message_id) = match source {
             Some(source) => source.validate(&mut p),

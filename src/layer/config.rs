@@ -158,8 +158,11 @@ impl RawRoute {
             Some(url) => p.check(&field(at, "upstream"), check::upstream(&url)).map(Some),
             None => Some(None),
         };
-        let upstream_timeout =
-            p.duration(&field(at, "upstream_timeout"), self.upstream_timeout.as_deref(), DEFAULT_UPSTREAM_TIMEOUT);
+        let upstream_timeout = p.duration(
+            &field(at, "upstream_timeout"),
+            self.upstream_timeout.as_deref(),
+            config::DEFAULT_UPSTREAM_TIMEOUT,
+        );
         let max_body = p.size(&field(at, "max_body"), self.max_body.as_deref(), "1MiB");
         let max_stored_response =
             p.size(&field(at, "max_stored_response"), self.max_stored_response.as_deref(), "1MiB");
@@ -283,15 +286,10 @@ fn glob(glob: &str) -> Result<GlobMatcher, String> {
         .map_err(|e| format!("invalid glob {glob:?}: {e}"))
 }
 
-/// A route's `upstream_timeout` when it gives none.
-pub(crate) const DEFAULT_UPSTREAM_TIMEOUT: &str = "30s";
-/// A route's `lease` when it gives none.
-pub(crate) const DEFAULT_LEASE: &str = "30s";
-
 /// The lease: renewed every third of it, so a shorter one would renew faster than a store
 /// round trip.
 fn lease(p: &mut Problems, at: &str, value: Option<String>) -> Option<Duration> {
-    let lease = p.duration(at, value.as_deref(), DEFAULT_LEASE)?;
+    let lease = p.duration(at, value.as_deref(), config::DEFAULT_LEASE)?;
     if lease < Duration::from_millis(100) {
         p.push(at, "must be at least 100ms");
         return None;

@@ -198,8 +198,6 @@ pub struct WhenKnown {
 
 /// The store used when the flow names none.
 pub const DEFAULT_STORE: &str = "sqlite://./idem.db";
-/// A call's budget when the file gives no `timeout` (a flow's, and a consumer's).
-pub const DEFAULT_TIMEOUT: &str = "30s";
 
 /// Reads and validates a flow file; relative source paths are resolved against its directory
 /// and every problem is prefixed with the file's path.
@@ -241,7 +239,7 @@ impl RawFlow {
             Some(r) => p.check("rate_limit", rate(&r)).map(Some),
         };
         let max_attempts = p.check("max_attempts", check::bounded(self.max_attempts.unwrap_or(5), 1, 100));
-        let timeout = p.check("timeout", check::duration(self.timeout.as_deref().unwrap_or(DEFAULT_TIMEOUT)));
+        let timeout = p.check("timeout", check::duration(self.timeout.as_deref().unwrap_or(config::DEFAULT_TIMEOUT)));
         let source = p.required("source", self.source, "[source] with jsonl = \"orders.jsonl\"");
         let source = source.and_then(|s| s.validate(base_dir, &mut p));
         let steps = validate_steps(self.steps, &mut p);
